@@ -1,0 +1,1 @@
+"""Intervention workflows on language models with nnsight (see README.md)."""
