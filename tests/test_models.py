@@ -134,7 +134,10 @@ def test_local_directory_loads_same_logits(tmp_path, word_tokenizer):
 
 
 def test_offline_hub_id_says_to_pass_a_local_path(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     with pytest.raises(ModelLoadError, match="local directory"):
         load_model("meta-llama/Llama-2-7b-hf")
