@@ -78,6 +78,31 @@ def random_entity_prompt(rng: random.Random, n_boxes: int = 7, objects=OBJECTS, 
     return entity_tracking_prompt(objs, labs, rng.randrange(n_boxes))
 
 
+OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def variable_binding_prompt(values: dict[str, int], left: str, op: str, right: str) -> Prompt:
+    """ "x=12, y=40, z=7. x+y=" -> first digit of 52 ("5"); the full answer is in meta["full_answer"]."""
+    text, spans = "", {}
+    for i, (name, value) in enumerate(values.items()):
+        text += ", " if i else ""
+        spans[f"var_{name}"] = (len(text), len(text) + len(name))
+        text += f"{name}="
+        spans[f"value_{name}"] = (len(text), len(text) + len(str(value)))
+        text += str(value)
+    text += ". "
+    spans["left"] = (len(text), len(text) + len(left))
+    text += left
+    spans["op"] = (len(text), len(text) + 1)
+    text += op
+    spans["right"] = (len(text), len(text) + len(right))
+    text += right + "="
+    spans["last"] = (len(text) - 1, len(text))
+    full = OPERATIONS[op](values[left], values[right])
+    meta = {"values": dict(values), "left": left, "op": op, "right": right, "full_answer": str(full)}
+    return Prompt(text=text, answer=str(full)[0], spans=spans, meta=meta)
+
+
 def answer_token_id(tokenizer: Any, answer: str) -> int:
     """The single token id of a continuation; multi-token answers are an error (the metrics read one logit)."""
     ids = tokenizer(answer, add_special_tokens=False)["input_ids"]

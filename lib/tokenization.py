@@ -14,7 +14,7 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>"
 
 
 def word_level_tokenizer(words: Iterable[str], lowercase: bool = True) -> PreTrainedTokenizerFast:
-    """One token per word or punctuation mark; `words` is the vocabulary (special tokens are added)."""
+    """One token per word, punctuation mark or digit; `words` is the vocabulary (special tokens are added)."""
     vocab: dict[str, int] = {}
     for word in [*SPECIAL_TOKENS.values(), *words]:
         word = word.lower() if lowercase else word
@@ -22,7 +22,9 @@ def word_level_tokenizer(words: Iterable[str], lowercase: bool = True) -> PreTra
     tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     if lowercase:
         tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
