@@ -343,8 +343,9 @@ def _check_enough(kind: str, keep: list[str], words: Sequence[str], need: int | 
     log.info("%d of %d %s are single tokens for this tokenizer", len(keep), len(words), kind)
     if strict and dropped:
         shown = ", ".join(f"{w!r} -> {tokenizer.tokenize(' ' + w)}" for w in dropped[:5])
-        raise ValueError(f"the tokenizer does not keep these {kind} as one known token: {shown}. Remove them, "
-                         f"or let usable_{kind}(tokenizer) pick the usable ones from the built-in list")
+        raise ValueError(f"the tokenizer does not keep {len(dropped)} of the given {kind} as one known token "
+                         f"({shown}{', ...' if len(dropped) > 5 else ''}). Remove them, or let "
+                         f"usable_{kind}(tokenizer) pick the usable ones from the built-in list")
     if need is not None and len(keep) < need:
         raise ValueError(f"only {len(keep)} of {len(words)} {kind} are single tokens for this tokenizer "
                          f"(dropped e.g. {dropped[:5]}), but {need} are needed: use fewer boxes or pass "
@@ -465,9 +466,12 @@ def _v_random_text_end(p: Prompt, c: _VariantContext) -> Prompt:
     return render_entity_prompt(_pairs(p), _qlabel(p), interlude=" " + _words(c.rng, c.filler, 5) + ".")
 
 
-def _v_extra_tokens(p: Prompt, c: _VariantContext) -> Prompt:
-    template = "the {object} " + _words(c.rng, c.filler, 2) + " is in Box {label}"
+def _every_segment(p: Prompt, template: str) -> Prompt:
     return render_entity_prompt(_pairs(p), _qlabel(p), templates=[template] * len(p.meta["objects"]))
+
+
+def _v_extra_tokens(p: Prompt, c: _VariantContext) -> Prompt:
+    return _every_segment(p, "the {object} " + _words(c.rng, c.filler, 2) + " is in Box {label}")
 
 
 def _v_extra_segment_start(p: Prompt, c: _VariantContext) -> Prompt:
@@ -492,11 +496,11 @@ def _v_incorrect_box_segment(p: Prompt, c: _VariantContext) -> Prompt:
 
 
 def _v_box_object_order(p: Prompt, c: _VariantContext) -> Prompt:
-    return render_entity_prompt(_pairs(p), _qlabel(p), templates=["Box {label} contains the {object}"] * len(p.meta["objects"]))
+    return _every_segment(p, "Box {label} contains the {object}")
 
 
 def _v_altered_association(p: Prompt, c: _VariantContext) -> Prompt:
-    return render_entity_prompt(_pairs(p), _qlabel(p), templates=["the {object} belongs to Box {label}"] * len(p.meta["objects"]))
+    return _every_segment(p, "the {object} belongs to Box {label}")
 
 
 def _v_no_comma(p: Prompt, c: _VariantContext) -> Prompt:
@@ -504,7 +508,7 @@ def _v_no_comma(p: Prompt, c: _VariantContext) -> Prompt:
 
 
 def _v_extra_comma(p: Prompt, c: _VariantContext) -> Prompt:
-    return render_entity_prompt(_pairs(p), _qlabel(p), templates=["the {object}, is in Box {label}"] * len(p.meta["objects"]))
+    return _every_segment(p, "the {object}, is in Box {label}")
 
 
 def _qlabel(p: Prompt) -> str:
@@ -543,7 +547,8 @@ def apply_variant(prompt: Prompt, name: str, rng: random.Random, spare_objects: 
     return out
 
 
-def _entity_pair(rng: random.Random, n: int, objects: list[str], labels: list[str], shift: int) -> tuple[Prompt, Prompt]:
+def _entity_pair(rng: random.Random, n: int, objects: list[str], labels: list[str],
+                 shift: int) -> tuple[Prompt, Prompt]:
     """An original and an alternate whose four candidate answers are four different objects.
 
     The alternate queries segment p != q with a label that sits in the original at a third segment j, and its

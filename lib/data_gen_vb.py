@@ -130,4 +130,5 @@ def operation_invariance_triples(n: int, *, seed: int = 0, names: Sequence[str] 
 
 def vb_transfer_sets(n: int, *, seed: int = 0, names: Sequence[str] = VB_NAMES) -> dict[str, list[Triple]]:
     """The transfer test: VD on multiplication and OI swapping + and *."""
-    return {d: vb_triples(d, n, seed=seed, names=names) for d in ("value_dependence_mul", "operation_invariance_add_mul")}
+    transfer = ("value_dependence_mul", "operation_invariance_add_mul")
+    return {d: vb_triples(d, n, seed=seed, names=names) for d in transfer}

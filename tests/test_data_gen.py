@@ -56,7 +56,8 @@ def test_prompt_formats_are_the_ones_the_toy_models_learn():
     v = dg.value_program({"x": 12, "y": 40, "z": 73}, "y", "-", "x")
     assert v.text == "x=12, y=40, z=73. y-x=" and v.answer == "2" and v.meta["full_answer"] == "28"
     assert v.text == dg.variable_binding_prompt({"x": 12, "y": 40, "z": 73}, "y", "-", "x").text
-    spans = {name: v.text[slice(*v.spans[name])] for name in ("left_value", "right_value", "left", "op", "right", "last")}
+    names = ("left_value", "right_value", "left", "op", "right", "last")
+    spans = {name: v.text[slice(*v.spans[name])] for name in names}
     assert spans == {"left_value": "40", "right_value": "12", "left": "y", "op": "-", "right": "x", "last": "="}
 
 
@@ -95,7 +96,8 @@ def test_noise_triples_are_random_prompts_of_the_same_shape(word_tokenizer):
         pos_o, pos_a = dg.token_positions(t.original, word_tokenizer), dg.token_positions(t.alternate, word_tokenizer)
         fixed = [k for k in pos_o if k not in ("prev_query_label", "correct_object")]  # these follow the query
         assert [pos_o[k] for k in fixed] == [pos_a[k] for k in fixed]
-        same_query += t.alternate.meta["labels"][t.alternate.meta["query"]] == t.original.meta["labels"][t.original.meta["query"]]
+        same_query += t.alternate.text[slice(*t.alternate.spans["query_label"])] == \
+            t.original.text[slice(*t.original.spans["query_label"])]
     assert same_query < 10  # the query is random, not copied
 
 
@@ -203,7 +205,7 @@ def test_transfer_value_dependence_on_multiplication():
                                                       * t.alternate.meta["values"][t.alternate.meta["right"]])
 
 
-# ---------------------------------------------------------------------------------------------- positions in padded batches
+# ---------------------------------------------------------------------------------------------- positions, padded
 
 
 def _mixed_triples():
@@ -258,13 +260,14 @@ def test_positions_point_at_their_tokens_in_padded_batches(which, word_tokenizer
         assert batch.target_ids.tolist() == [dg.answer_token_id(tokenizer, t.target) for t in batch.triples]
 
 
-# ---------------------------------------------------------------------------------------------- determinism, splits, JSONL
+# ---------------------------------------------------------------------------------------------- seeds, splits, JSONL
 
 
 def test_same_seed_same_data_other_seed_other_data():
     def make(seed):
         return (dg.entity_triples("position", 5, n_boxes=4, seed=seed, variant="random_text_end")
-                + dg.entity_noise_triples(3, n_boxes=4, seed=seed) + dg.vb_triples("operation_invariance", 5, seed=seed))
+                + dg.entity_noise_triples(3, n_boxes=4, seed=seed)
+                + dg.vb_triples("operation_invariance", 5, seed=seed))
     assert make(0) == make(0)
     assert [t.original.text for t in make(0)] != [t.original.text for t in make(1)]
 
@@ -277,6 +280,10 @@ def test_splits_are_disjoint_by_original_text():
     assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
     assert len(train) + len(val) + len(test) == 100 and len(val) >= 10 and len(test) >= 10
     assert dg.split_triples(triples, (0.8, 0.1, 0.1), seed=0) == [train, val, test]
+    # the three desiderata of one seed share their originals, so equal split calls keep them apart together
+    position = dg.split_triples(dg.entity_triples("position", 50, n_boxes=4, seed=13), (40, 5, 5), seed=0)
+    obj = dg.split_triples(dg.entity_triples("object", 50, n_boxes=4, seed=13), (40, 5, 5), seed=0)
+    assert [[t.original for t in s] for s in position] == [[t.original for t in s] for s in obj]
     a, b = dg.split_triples(triples, (60, 20), seed=1)
     assert (len(a), len(b)) == (60, 20)
     with pytest.raises(ValueError, match="generate more"):
@@ -284,7 +291,8 @@ def test_splits_are_disjoint_by_original_text():
 
 
 def test_jsonl_round_trip(tmp_path):
-    triples = dg.entity_triples("label", 4, n_boxes=3, variant="extra_segment_start") + dg.vb_triples("value_dependence", 4)
+    triples = (dg.entity_triples("label", 4, n_boxes=3, variant="extra_segment_start")
+               + dg.vb_triples("value_dependence", 4))
     path = dg.save_triples(triples, tmp_path / "sub" / "data.jsonl")
     assert len(path.read_text().splitlines()) == 8
     assert dg.load_triples(path) == triples
@@ -297,6 +305,9 @@ def test_bad_input_says_what_to_change(word_tokenizer, bpe_tokenizer):
     with pytest.raises(ValueError, match=r"'computer' -> .*Remove them"):
         dg.entity_triples("object", 2, n_boxes=3, tokenizer=word_tokenizer,
                           objects=["apple", "cup", "key", "computer", "lamp", "pen", "hat"])
+    split_by_bpe = r"keep \d+ of the given objects .*'clock' -> \['Ġc', 'l', 'ock'\].*Remove them"
+    with pytest.raises(ValueError, match=split_by_bpe):  # split into pieces, not unknown
+        dg.entity_triples("object", 2, tokenizer=bpe_tokenizer, objects=dg.OBJECTS)
     with pytest.raises(ValueError, match="objects are single tokens .* use fewer boxes"):
         dg.usable_objects(bpe_tokenizer, need=40)
     with pytest.raises(ValueError, match="4 boxes .* only 3 are available"):
