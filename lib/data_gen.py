@@ -6,6 +6,17 @@ and `encode_batch` left-pads a batch the way nnsight does and shifts the positio
 This module holds the shared pieces (prompts, triples, batching, JSONL, splits, the correct-answer filter) and
 the entity-tracking data of Prakash et al.; variable binding (Davies et al.) lives in `lib.data_gen_vb` and is
 re-exported here.
+
+    triples = entity_triples("position", 1000, n_boxes=7, seed=0, tokenizer=tok)   # or "object", "label"
+    triples = entity_triples("position", 500, variant="no_comma")                  # Table A11, see VARIANTS
+    triples = vb_triples("value_dependence", 1000)                                 # see VB_DESIDERATA
+    triples = filter_correct(handle, triples)                                      # what the model can do
+    train, val, test = split_triples(triples, (0.8, 0.1, 0.1))
+    for batch in iter_batches(train, tok, 32): batch.original, batch.alternate, batch.target_ids
+
+Span names every entity prompt has: object_i / label_i (segment i), query_label, prev_query_label (the queried
+label's occurrence in the context), correct_object, last; every program: left_value, right_value, left, op,
+right, last (plus var_<name> / value_<name>). encode_batch turns them into padded token positions.
 """
 from __future__ import annotations
 
@@ -67,6 +78,11 @@ class EncodedBatch:
 
     def inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def to(self, device: Any) -> EncodedBatch:
+        """The same batch with every tensor on `device` (positions index per example, so they move too)."""
+        return EncodedBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                            {k: v.to(device) for k, v in self.positions.items()}, self.answer_ids.to(device))
 
 
 def entity_tracking_prompt(objects: list[str], labels: list[str], query: int) -> Prompt:
@@ -269,8 +285,9 @@ def answers_correct(handle: ModelHandle, prompts: Sequence[Prompt], batch_size: 
         if last is not None and bool((last != batch.input_ids.shape[1] - 1).any()):
             raise ValueError("the tokenizer appends tokens after the prompt's last token (an EOS?); "
                              "load the tokenizer without add_eos_token so the answer is read at the last position")
+        unembed = handle.arch.unembed(handle.model)
         with handle.trace(batch.inputs()):
-            logits = handle.arch.unembed(handle.model).output[:, -1, :].save()
+            logits = unembed.output[:, -1, :].save()
         correct += (logits.argmax(-1).cpu() == batch.answer_ids).tolist()
     return correct
 

@@ -240,6 +240,9 @@ def _check_batch_positions(batch, prompts, tokenizer, lowercase):
 @pytest.mark.parametrize("which", ["word", "bpe"])
 def test_positions_point_at_their_tokens_in_padded_batches(which, word_tokenizer, bpe_tokenizer):
     tokenizer = word_tokenizer if which == "word" else bpe_tokenizer
+    assert dg.usable_labels(tokenizer) == list(dg.LABELS)
+    if which == "word":
+        assert dg.usable_objects(tokenizer) == list(dg.OBJECTS)
     triples = _mixed_triples()
     if which == "bpe":  # entity data with the objects this BPE keeps whole
         objs = dg.usable_objects(bpe_tokenizer, need=10)
@@ -253,6 +256,8 @@ def test_positions_point_at_their_tokens_in_padded_batches(which, word_tokenizer
     assert [len(b.triples) for b in batches] == [8, 6]
     first = batches[0]
     assert entity_names <= set(first.original.positions)
+    moved = first.alternate.to("meta")
+    assert {t.device.type for t in [moved.input_ids, moved.answer_ids, *moved.positions.values()]} == {"meta"}
     assert {"left_value", "right_value", "left", "op", "right", "last"} <= set(batches[1].alternate.positions)
     for batch in batches:
         _check_batch_positions(batch.original, [t.original for t in batch.triples], tokenizer, which == "word")
