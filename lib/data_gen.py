@@ -105,6 +105,9 @@ def entity_tracking_prompt(objects: list[str], labels: list[str], query: int) ->
 
 
 def random_entity_prompt(rng: random.Random, n_boxes: int = 7, objects=OBJECTS, labels=LABELS) -> Prompt:
+    if n_boxes > min(len(objects), len(labels)):
+        raise ValueError(f"{n_boxes} boxes need {n_boxes} distinct objects and labels, got {len(objects)} objects "
+                         f"and {len(labels)} labels: use fewer boxes or pass more")
     objs = rng.sample(list(objects), n_boxes)
     labs = rng.sample(list(labels), n_boxes)
     return entity_tracking_prompt(objs, labs, rng.randrange(n_boxes))

@@ -317,6 +317,8 @@ def test_bad_input_says_what_to_change(word_tokenizer, bpe_tokenizer):
         dg.usable_objects(bpe_tokenizer, need=40)
     with pytest.raises(ValueError, match="4 boxes .* only 3 are available"):
         dg.entity_triples("label", 2, n_boxes=4, labels=["A", "B", "C"])
+    with pytest.raises(ValueError, match="5 boxes need 5 distinct objects and labels"):
+        dg.random_entity_prompt(random.Random(0), 5, labels="ABC")
     with pytest.raises(ValueError, match="at least 3 boxes"):
         dg.entity_triples("label", 2, n_boxes=2)
     with pytest.raises(ValueError, match="valid: object, label, position"):
