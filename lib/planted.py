@@ -294,7 +294,8 @@ def ground_truth(variant: str = "strong") -> dict:
     """Which head does what, where, and which desideratum (Object / Label / Position) it answers to.
 
     `patching[desideratum][position]` lists the heads whose activation patching *alone* at that token position
-    moves the output to the desideratum's target; every other (head, position) leaves it. MLPs do nothing.
+    moves the output to the desideratum's target (as lib.data_gen.entity_triples builds them: the original answer
+    and the three targets are four different objects); every other (head, position) leaves it. MLPs do nothing.
     Position: no head. The fetch is by label identity, never by position, so a method that reports positional
     heads on this model is wrong (unlike Llama-7B in Prakash et al., where Groups B and C carry position).
     """
@@ -312,10 +313,10 @@ def ground_truth(variant: str = "strong") -> dict:
          "writes": "the object bound at that label, read by the unembedding"
                    + (" (blunted match plus a fixed per-letter preference)" if variant == "weak" else "")},
     ]
-    patching = {
-        "Object": {"last": [str(FETCHER)], "prev_query_label": [str(BINDER)], "query_label": []},
-        "Label": {"last": [str(MOVER)], "prev_query_label": [], "query_label": []},
-        "Position": {"last": [], "prev_query_label": [], "query_label": []},
+    patching = {  # keys: lib.data_gen.ENTITY_DESIDERATA
+        "object": {"last": [str(FETCHER)], "prev_query_label": [str(BINDER)], "query_label": []},
+        "label": {"last": [str(MOVER)], "prev_query_label": [], "query_label": []},
+        "position": {"last": [], "prev_query_label": [], "query_label": []},
     }
     return {
         "name": f"planted:{variant}",
@@ -323,7 +324,7 @@ def ground_truth(variant: str = "strong") -> dict:
         "n_layers": N_LAYERS,
         "n_heads": N_HEADS,
         "circuit": circuit,
-        "desiderata": {"Object": [str(FETCHER)], "Label": [str(MOVER)], "Position": []},  # at "last"
+        "desiderata": {"object": [str(FETCHER)], "label": [str(MOVER)], "position": []},  # heads at "last"
         "patching": patching,
         "distractors": [str(Component(layer, h)) for layer in range(N_LAYERS) for h in range(N_HEADS)
                         if Component(layer, h) not in (BINDER, MOVER, FETCHER)],
