@@ -23,5 +23,17 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run_all
 
+# A self-hosted NDIF on loopback for --remote runs and the remote tests (docs/REMOTE.md). The first
+# ndif-up installs the server into .ndif/venv (~5.5 GB, a few minutes); later ones take about a minute.
+ndif-up: $(STAMP)
+	$(PY) ndif/server.py up
+
+ndif-down:
+	$(PYTHON) ndif/server.py down
+
+.PHONY: ndif-status
+ndif-status:
+	$(PYTHON) ndif/server.py status
+
 clean:
 	rm -rf $(VENV) .pytest_cache runs
