@@ -5,10 +5,9 @@ through it, so that local, sharded (`device_map="auto"`) and remote (NDIF) runs 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,6 @@ class ModelHandle:
     name: str
     remote: bool = False
     backend: Any = None          # an explicit nnsight RemoteBackend (self-hosted NDIF), else None
-    _session_depth: int = field(default=0, repr=False)
 
     @property
     def tokenizer(self):
@@ -47,7 +45,7 @@ class ModelHandle:
         return self.lm
 
     def _run_kwargs(self) -> dict:
-        if self._session_depth or not self.remote:  # traces inside a session ride on the session's request
+        if not self.remote or _inside_trace():  # traces inside a session ride on the session's request
             return {}
         return {"backend": self.backend} if self.backend is not None else {"remote": True}
 
@@ -55,15 +53,9 @@ class ModelHandle:
         """`lm.trace` that runs locally or remotely according to the handle."""
         return self.lm.trace(*inputs, **self._run_kwargs(), **kwargs)
 
-    @contextlib.contextmanager
     def session(self):
-        """One `lm.session`: remotely, every trace inside it travels as a single request."""
-        with self.lm.session(**self._run_kwargs()) as sess:
-            self._session_depth += 1
-            try:
-                yield sess
-            finally:
-                self._session_depth -= 1
+        """`lm.session`: remotely, every trace inside it travels as one request (use it as `with h.session():`)."""
+        return self.lm.session(**self._run_kwargs())
 
     def device_of_layer(self, layer: int) -> torch.device:
         """Where a layer's weights live (sharded models put layers on different devices)."""
@@ -73,6 +65,13 @@ class ModelHandle:
             if param.device.type != "meta":
                 return param.device
         return torch.device("cpu")
+
+
+def _inside_trace() -> bool:
+    """True while an nnsight trace or session body runs (nnsight counts nesting per thread)."""
+    from nnsight.tracing import tracer
+
+    return getattr(tracer._local, "depth", 0) > 0
 
 
 def _hub_offline() -> bool:
@@ -127,6 +126,14 @@ def load_model(
         load_kwargs["dtype"] = dtype
     if device_map is not None:
         load_kwargs["device_map"] = device_map
+
+    if remote or backend is not None:  # NDIF: `backend` is a RemoteBackend or a host URL (lib/remote.py)
+        if isinstance(source, torch.nn.Module):
+            raise ModelLoadError("an in-memory model cannot run remotely: save_pretrained it where the NDIF server "
+                                 "can load it, deploy it (docs/REMOTE.md) and pass that directory or hub id")
+        from lib.remote import load_remote
+
+        return load_remote(source, tokenizer=tokenizer, backend=backend, **load_kwargs)
 
     if isinstance(source, torch.nn.Module):
         if tokenizer is None:

@@ -1,0 +1,175 @@
+"""DCM and the patching primitives against independent plain-PyTorch hooks, and learning on a constructed case."""
+import random
+
+import pytest
+import torch
+
+from lib.components import Component, all_components
+from lib.data_gen import Triple, encode_batch, random_entity_prompt
+from lib.mask_intervention import (
+    DCMConfig, backward_on_batch, evaluate_mask, lambda_sweep, prepare_batches, train_mask,
+)
+from lib.models import load_model
+from lib.patching import (
+    Site, activation_patch, clean_logits, collect, mean_ablate, mean_activations, patched_logits, sites_at,
+)
+from lib.random_models import random_model
+
+
+@pytest.fixture(scope="module")
+def setup(word_tokenizer):
+    module = random_model("llama", vocab_size=len(word_tokenizer), n_layers=3, n_heads=4, d_model=64,
+                          n_kv_heads=2, seed=5)
+    handle = load_model(module, tokenizer=word_tokenizer)
+    rng = random.Random(0)
+    originals = [random_entity_prompt(rng, rng.choice([2, 3])) for _ in range(8)]
+    alternates = [random_entity_prompt(rng, rng.choice([2, 3])) for _ in range(8)]
+    return handle, module, originals, alternates
+
+
+# ---- an independent implementation with plain forward hooks ---------------------------------------------------
+
+def _hook_run(module, handle, batch, sites, weights=None, values=None, capture=None):
+    """Forward with hooks: capture full rows at sites, or blend `values` with `weights`. Returns last logits."""
+    arch = handle.arch
+    rows = torch.arange(batch.input_ids.shape[0])
+    hooks = []
+    for i, site in enumerate(sites):
+        comp, pos = site.component, batch.positions[site.position]
+        target = arch.attn_out(module, comp.layer) if comp.is_head else arch.mlp(module, comp.layer)
+        cols = arch.head_slice(comp.head) if comp.is_head else slice(None)
+
+        def blend(x, i=i, cols=cols, pos=pos, key=site):
+            if capture is not None:
+                capture[key] = x[rows, pos][:, cols].detach().clone()
+                return x
+            w = weights[i]
+            new = x.clone()
+            new[rows, pos, cols] = w * x[rows, pos, cols] + (1 - w) * values[key]
+            return new
+
+        if comp.is_head:
+            hooks.append(target.register_forward_pre_hook(lambda m, args, f=blend: (f(args[0]),)))
+        else:
+            hooks.append(target.register_forward_hook(lambda m, args, out, f=blend: f(out)))
+    try:
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return module(**batch.inputs(), position_ids=position_ids).logits[:, -1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _hook_alternate_values(module, handle, alternate, sites):
+    captured = {}
+    _hook_run(module, handle, alternate, sites, capture=captured)
+    return captured
+
+
+SITES = [Site(Component(0, 1), "query_label"), Site(Component(1, 3)), Site(Component(1, 0)), Site(Component(1)),
+         Site(Component(2, 2), "prev_query_label"), Site(Component(2, 2))]
+
+
+def test_all_ones_leaves_logits_and_zeros_equal_activation_patching(setup):
+    handle, module, originals, alternates = setup
+    ob, ab = encode_batch(originals, handle.tokenizer), encode_batch(alternates, handle.tokenizer)
+    values = collect(handle, ab, SITES)
+    clean = clean_logits(handle, ob)
+    assert torch.allclose(patched_logits(handle, ob, SITES, values, torch.ones(len(SITES))), clean, atol=1e-5)
+    fully = patched_logits(handle, ob, SITES, values, torch.zeros(len(SITES)))
+    assert torch.allclose(fully, activation_patch(handle, ob, ab, SITES), atol=1e-5)
+    assert (fully - clean).abs().max() > 1e-3
+    expected = _hook_run(module, handle, ob, SITES, torch.zeros(len(SITES)),
+                         _hook_alternate_values(module, handle, ab, SITES))
+    assert torch.allclose(fully, expected, atol=1e-5)
+
+
+def test_loss_and_gradient_equal_plain_hooks(setup):
+    handle, module, originals, alternates = setup
+    tok = handle.tokenizer
+    triples = [Triple(o, a, a.answer, "object") for o, a in zip(originals, alternates)]
+    pb = prepare_batches(handle, triples, SITES, batch_size=8)[0]
+    weights = torch.tensor([0.3, 0.9, 0.5, 0.7, 0.1, 0.6], requires_grad=True)
+    loss = backward_on_batch(handle, pb, SITES, weights, "logit_diff")
+    grad = weights.grad.clone()
+
+    ref_w = weights.detach().clone().requires_grad_(True)
+    ab = encode_batch(alternates, tok)
+    logits = _hook_run(module, handle, pb.original, SITES, ref_w, _hook_alternate_values(module, handle, ab, SITES))
+    rows = torch.arange(len(triples))
+    ref_loss = -(logits[rows, pb.target_ids] - logits[rows, pb.foil_ids]).mean()
+    ref_loss.backward()
+    assert abs(loss - ref_loss.item()) < 1e-5
+    assert torch.allclose(grad, ref_w.grad, atol=1e-5)
+    assert grad.abs().max() > 1e-4
+
+
+def test_mean_ablation_writes_the_mean(setup):
+    handle, module, originals, _ = setup
+    ob = encode_batch(originals, handle.tokenizer)
+    sites = [Site(Component(1, 2)), Site(Component(0))]
+    means = mean_activations(handle, [ob], sites)
+    ablated = mean_ablate(handle, ob, sites, means)
+    ref_values = {s: means[s.row_key][handle.arch.head_slice(s.component.head) if s.component.is_head
+                                      else slice(None)].expand(len(originals), -1) for s in sites}
+    expected = _hook_run(module, handle, ob, sites, torch.zeros(len(sites)), ref_values)
+    assert torch.allclose(ablated, expected, atol=1e-5)
+
+
+def _constructed_case(handle, n=160, seed=0):
+    """Triples whose target is, by construction, what patching a known set of sites produces."""
+    tok = handle.tokenizer
+    rng = random.Random(seed)
+    origs = [random_entity_prompt(rng, 3) for _ in range(n)]
+    alts = [random_entity_prompt(rng, 3) for _ in range(n)]
+    truth = [Site(Component(2, 1)), Site(Component(1, 3))]
+    ob, ab = encode_batch(origs, tok), encode_batch(alts, tok)
+    clean = clean_logits(handle, ob).argmax(-1)
+    patched = activation_patch(handle, ob, ab, truth).argmax(-1)
+    triples = [Triple(o, a, " " + tok.convert_ids_to_tokens(int(t)), "made")
+               for o, a, t, c in zip(origs, alts, patched, clean) if t != c]
+    half = len(triples) // 2
+    return truth, {"made": triples[:half]}, {"made": triples[half:]}
+
+
+def test_dcm_recovers_the_constructed_set(setup):
+    handle = setup[0]
+    truth, train, val = _constructed_case(handle)
+    assert len(train["made"]) >= 15
+    sites = sites_at(all_components(handle.arch))
+    config = DCMConfig(lam=0.001, loss="logit_diff", lr=0.05, epochs=8, batch_size=32)
+    result = train_mask(handle, train, val, sites, config, progress=False)
+    found, true = set(result.patched), {str(s) for s in truth}
+    precision = len(found & true) / max(len(found), 1)
+    recall = len(found & true) / len(true)
+    assert precision >= 0.8 and recall >= 0.8, (result.patched, result.weights)
+    assert result.val_accuracy["made"] >= 0.8
+    assert evaluate_mask(handle, val, sites, result.patched)["made"] == pytest.approx(result.val_accuracy["made"])
+    assert len(result.history) == 8 * 2 and all("loss" in h for h in result.history)
+
+
+def test_lambda_sweep_gives_smaller_masks_for_larger_lambda(setup):
+    handle = setup[0]
+    _, train, val = _constructed_case(handle)
+    sites = sites_at(all_components(handle.arch))
+    config = DCMConfig(loss="logit_diff", lr=0.1, epochs=10, batch_size=32, prune=False)
+    rows = lambda_sweep(handle, train, val, sites, [0.0, 0.003, 0.1], config, progress=False)
+    sizes = [r["n_patched"] for r in rows]
+    assert sizes[0] >= sizes[1] >= sizes[2] and sizes[0] > sizes[2], sizes
+
+
+def test_bad_input_errors(setup):
+    handle, _, originals, alternates = setup
+    ob = encode_batch(originals, handle.tokenizer)
+    with pytest.raises(ValueError, match="no components to patch"):
+        train_mask(handle, {"x": [Triple(originals[0], alternates[0], alternates[0].answer, "x")]}, {}, [])
+    with pytest.raises(ValueError, match="not defined for these prompts"):
+        activation_patch(handle, ob, ob, [Site(Component(0, 0), "nowhere")])
+    ob.positions["bad"] = torch.full_like(ob.positions["last"], 99)
+    with pytest.raises(ValueError, match="outside the prompt"):
+        patched_logits(handle, ob, [Site(Component(0, 0), "bad")], {})
+    multi = Triple(originals[0], alternates[0], " apple cup", "x")
+    with pytest.raises(ValueError, match="targets must be one token"):
+        prepare_batches(handle, [multi], SITES, 4)
+    with pytest.raises(ValueError, match="choose one of"):
+        train_mask(handle, {"x": [multi]}, {}, SITES, DCMConfig(loss="mse"))
