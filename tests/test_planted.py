@@ -5,16 +5,14 @@ the builder.
 """
 import random
 
-import nnsight
 import pytest
 import torch
 
 from lib import planted
 from lib.components import Component
-from lib.data_gen import ENTITY_DESIDERATA, encode_batch, entity_triples, random_entity_prompt
+from lib.data_gen import ENTITY_DESIDERATA, encode_batch, random_entity_prompt
 from lib.models import load_model
-
-POSITIONS = ("last", "query_label", "prev_query_label")
+from lib.planted_measure import accuracy, cross_model_patch, patching_table, predictions, triple_batches
 
 
 @pytest.fixture(scope="module")
@@ -30,52 +28,6 @@ def weak():
 def _prompts(n_boxes, n, seed):
     rng = random.Random(seed)
     return [random_entity_prompt(rng, n_boxes) for _ in range(n)]
-
-
-def _predictions(handle, batch):
-    with torch.no_grad(), handle.trace(batch.inputs()):
-        logits = handle.arch.unembed(handle.model).output[:, -1].save()
-    return logits.argmax(-1)
-
-
-def _accuracy(handle, n_boxes, n=200, seed=1234):
-    batch = encode_batch(_prompts(n_boxes, n, seed + n_boxes), handle.tokenizer)
-    return float((_predictions(handle, batch) == batch.answer_ids).float().mean())
-
-
-def _head_rows(handle, batch):
-    """Every layer's head outputs (the input of attn.c_proj), [layer] -> (batch, seq, n_heads * head_dim)."""
-    with torch.no_grad(), handle.trace(batch.inputs()):
-        rows = nnsight.save([handle.arch.attn_out(handle.model, layer).input for layer in range(handle.arch.n_layers)])
-    return rows
-
-
-def _patch_each_head(handle, original, alternate, alt_rows, layer, position):
-    """Predictions with one head of `layer` at `position` replaced by its output on the alternate, for each head.
-
-    The batch is repeated once per head (copy h patches head h), so one trace covers the whole layer.
-    """
-    n, n_heads = original.input_ids.shape[0], handle.arch.n_heads
-    inputs = {k: v.repeat(n_heads, 1) for k, v in original.inputs().items()}
-    rows = torch.arange(n)
-    with torch.no_grad(), handle.trace(inputs):
-        module = handle.arch.attn_out(handle.model, layer)
-        x = module.input.clone()
-        for head in range(n_heads):
-            cols = handle.arch.head_slice(head)
-            x[head * n + rows, original.positions[position], cols] = \
-                alt_rows[layer][rows, alternate.positions[position], cols]
-        module.input = x
-        logits = handle.arch.unembed(handle.model).output[:, -1].save()
-    return logits.argmax(-1).view(n_heads, n)
-
-
-def _triple_batches(desideratum, handle, n, seed):
-    triples = [t for n_boxes in (3, 5, 7) for t in
-               entity_triples(desideratum, n // 3, n_boxes=n_boxes, seed=seed + n_boxes, tokenizer=handle.tokenizer)]
-    original = encode_batch([t.original for t in triples], handle.tokenizer, answers=[t.target for t in triples])
-    alternate = encode_batch([t.alternate for t in triples], handle.tokenizer)
-    return original, alternate
 
 
 def test_builds_deterministically_as_gpt2_without_training():
@@ -103,11 +55,11 @@ def test_ground_truth_names_real_heads_and_every_desideratum(strong):
 
 @pytest.mark.parametrize("n_boxes", [3, 5, 7])
 def test_strong_model_solves_entity_tracking(strong, n_boxes):
-    assert _accuracy(strong, n_boxes) >= 0.99
+    assert accuracy(strong, n_boxes, n=200, seed=1234 + n_boxes) >= 0.99
 
 
 def test_weak_model_accuracy_is_in_the_documented_band(weak):
-    accs = [_accuracy(weak, n_boxes) for n_boxes in (3, 5, 7)]
+    accs = [accuracy(weak, n_boxes, n=200, seed=1234 + n_boxes) for n_boxes in (3, 5, 7)]
     assert all(0.45 <= a <= 0.85 for a in accs), accs
     assert accs[0] > accs[2]  # more boxes, more competitors for the blunted fetch
 
@@ -140,39 +92,26 @@ def test_layernorm_only_rescales_and_the_heads_attend_where_documented():
 @pytest.mark.parametrize("desideratum", ENTITY_DESIDERATA)
 def test_activation_patching_reproduces_the_ground_truth_table(strong, desideratum):
     """Each head alone at each position: the planted head moves the output to the target, no other head does."""
-    original, alternate = _triple_batches(desideratum, strong, n=30, seed=7)
-    assert (_predictions(strong, original) == original.answer_ids).float().mean() == 0  # target != answer
-    alt_rows = _head_rows(strong, alternate)
+    original, _ = triple_batches(strong, desideratum, n=30, seed=7)
+    assert not (predictions(strong, original) == original.answer_ids).any()  # unpatched, no target is said
+    table = patching_table(strong, desideratum, n=30, seed=7)
     expected = planted.ground_truth("strong")["patching"][desideratum]
-    measured = {}
-    for position in POSITIONS:
-        for layer in range(strong.arch.n_layers):
-            preds = _patch_each_head(strong, original, alternate, alt_rows, layer, position)
-            for head in range(strong.arch.n_heads):
-                measured[(str(Component(layer, head)), position)] = float((preds[head] == original.answer_ids)
-                                                                           .float().mean())
-    for (comp, position), moved in measured.items():
-        if comp in expected[position]:
-            assert moved >= 0.95, (comp, position, measured)
-        else:
-            assert moved <= 0.05, (comp, position, measured)
+    assert set(table) == set(expected)
+    for position, heads in table.items():
+        assert len(heads) == strong.arch.n_layers * strong.arch.n_heads
+        for head, moved in heads.items():
+            if head in expected[position]:
+                assert moved >= 0.95, (head, position, table)
+            else:
+                assert moved <= 0.05, (head, position, table)
 
 
 def test_patching_the_strong_value_fetcher_into_the_weak_model_restores_accuracy(strong, weak):
     """Cross-model patching: same input to both, strong L2H3 output at the last token written into the weak model."""
     prompts = [p for n_boxes in (3, 5, 7) for p in _prompts(n_boxes, 60, 555 + n_boxes)]
     batch = encode_batch(prompts, strong.tokenizer)
-    strong_rows = _head_rows(strong, batch)
-    fetcher, rows, last = planted.FETCHER, torch.arange(len(prompts)), batch.positions["last"]
-    cols = weak.arch.head_slice(fetcher.head)
-    with torch.no_grad(), weak.trace(batch.inputs()):
-        module = weak.arch.attn_out(weak.model, fetcher.layer)
-        x = module.input.clone()
-        x[rows, last, cols] = strong_rows[fetcher.layer][rows, last, cols]
-        module.input = x
-        logits = weak.arch.unembed(weak.model).output[:, -1].save()
-    patched = float((logits.argmax(-1) == batch.answer_ids).float().mean())
-    weak_acc = float((_predictions(weak, batch) == batch.answer_ids).float().mean())
-    strong_acc = float((_predictions(strong, batch) == batch.answer_ids).float().mean())
+    hits = lambda preds: float((preds == batch.answer_ids).float().mean())  # noqa: E731
+    weak_acc, strong_acc = hits(predictions(weak, batch)), hits(predictions(strong, batch))
     assert weak_acc < 0.85 and strong_acc >= 0.99
-    assert patched == strong_acc
+    assert hits(cross_model_patch(weak, strong, batch, planted.FETCHER)) == strong_acc
+    assert hits(cross_model_patch(weak, strong, batch, planted.MOVER)) == weak_acc  # the mover is the same

@@ -1,0 +1,174 @@
+"""Measure the planted models: accuracy, the per-head activation-patching table, cross-model patching.
+
+These numbers are measured, never stored: docs/PLANTED.md is written from `python -m lib.planted_measure`, and
+tests/test_planted.py checks them against `lib.planted.ground_truth`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+
+import nnsight
+import torch
+from tqdm.auto import tqdm
+
+from lib import planted
+from lib.components import Component
+from lib.data_gen import ENTITY_DESIDERATA, EncodedBatch, encode_batch, entity_triples, random_entity_prompt
+from lib.models import ModelHandle, load_model
+
+log = logging.getLogger(__name__)
+
+POSITIONS = ("last", "query_label", "prev_query_label")
+
+
+def predictions(handle: ModelHandle, batch: EncodedBatch) -> torch.Tensor:
+    """Argmax token at the last position."""
+    with torch.no_grad(), handle.trace(batch.inputs()):
+        logits = handle.arch.unembed(handle.model).output[:, -1].save()
+    return logits.argmax(-1)
+
+
+def accuracy(handle: ModelHandle, n_boxes: int, n: int = 500, seed: int = 0) -> float:
+    """Fraction of `n` random prompts with `n_boxes` boxes answered correctly."""
+    rng = random.Random(seed)
+    batch = encode_batch([random_entity_prompt(rng, n_boxes) for _ in range(n)], handle.tokenizer)
+    return float((predictions(handle, batch) == batch.answer_ids).float().mean())
+
+
+def head_rows(handle: ModelHandle, batch: EncodedBatch) -> list[torch.Tensor]:
+    """Every layer's head outputs (the input of the attention output projection): [layer] -> (batch, seq, heads*D)."""
+    with torch.no_grad(), handle.trace(batch.inputs()):
+        rows = nnsight.save([handle.arch.attn_out(handle.model, layer).input for layer in range(handle.arch.n_layers)])
+    return rows
+
+
+def patch_each_head(
+    handle: ModelHandle, original: EncodedBatch, alternate: EncodedBatch, alt_rows: list[torch.Tensor],
+    layer: int, position: str,
+) -> torch.Tensor:
+    """(n_heads, batch) predictions, row h with head h of `layer` at `position` replaced by its alternate output.
+
+    The batch is repeated once per head (copy h patches head h), so one trace covers a whole layer.
+    """
+    n, n_heads = original.input_ids.shape[0], handle.arch.n_heads
+    inputs = {k: v.repeat(n_heads, 1) for k, v in original.inputs().items()}
+    rows = torch.arange(n)
+    with torch.no_grad(), handle.trace(inputs):
+        module = handle.arch.attn_out(handle.model, layer)
+        x = module.input.clone()
+        for head in range(n_heads):
+            cols = handle.arch.head_slice(head)
+            x[head * n + rows, original.positions[position], cols] = \
+                alt_rows[layer][rows, alternate.positions[position], cols]
+        module.input = x
+        logits = handle.arch.unembed(handle.model).output[:, -1].save()
+    return logits.argmax(-1).view(n_heads, n)
+
+
+def triple_batches(handle: ModelHandle, desideratum: str, n: int, seed: int,
+                   box_counts=(3, 5, 7)) -> tuple[EncodedBatch, EncodedBatch]:
+    """Original (with the desideratum's targets as answers) and alternate batches from lib.data_gen."""
+    per = max(1, n // len(box_counts))
+    triples = [t for k in box_counts
+               for t in entity_triples(desideratum, per, n_boxes=k, seed=seed + k, tokenizer=handle.tokenizer)]
+    original = encode_batch([t.original for t in triples], handle.tokenizer, answers=[t.target for t in triples])
+    alternate = encode_batch([t.alternate for t in triples], handle.tokenizer)
+    return original, alternate
+
+
+def patching_table(
+    handle: ModelHandle, desideratum: str, n: int = 60, seed: int = 0, positions=POSITIONS
+) -> dict[str, dict[str, float]]:
+    """{position: {head: fraction of triples whose output becomes the target}} for single-head patches."""
+    original, alternate = triple_batches(handle, desideratum, n, seed)
+    alt_rows = head_rows(handle, alternate)
+    table: dict[str, dict[str, float]] = {}
+    for position in positions:
+        table[position] = {}
+        for layer in range(handle.arch.n_layers):
+            preds = patch_each_head(handle, original, alternate, alt_rows, layer, position)
+            for head in range(handle.arch.n_heads):
+                hit = (preds[head] == original.answer_ids).float().mean()
+                table[position][str(Component(layer, head))] = float(hit)
+    return table
+
+
+def cross_model_patch(
+    receiver: ModelHandle, donor: ModelHandle, batch: EncodedBatch, component: Component, position: str = "last"
+) -> torch.Tensor:
+    """Predictions of `receiver` with one head's output at `position` taken from `donor` on the same input."""
+    donor_rows = head_rows(donor, batch)
+    rows, pos = torch.arange(batch.input_ids.shape[0]), batch.positions[position]
+    cols = receiver.arch.head_slice(component.head)
+    with torch.no_grad(), receiver.trace(batch.inputs()):
+        module = receiver.arch.attn_out(receiver.model, component.layer)
+        x = module.input.clone()
+        x[rows, pos, cols] = donor_rows[component.layer][rows, pos, cols]
+        module.input = x
+        logits = receiver.arch.unembed(receiver.model).output[:, -1].save()
+    return logits.argmax(-1)
+
+
+def measure(n: int = 500, n_patch: int = 150, seed: int = 0) -> dict:
+    """Every number docs/PLANTED.md reports."""
+    strong, weak = load_model("planted:strong"), load_model("planted:weak")
+    out: dict = {"accuracy": {}, "cmap": {}, "patching": {}}
+    for name, handle in [("strong", strong), ("weak", weak)]:
+        out["accuracy"][name] = {k: accuracy(handle, k, n, seed + k) for k in tqdm(range(3, 8), desc=name)}
+    rng = random.Random(seed + 1)
+    for k in (3, 5, 7):
+        batch = encode_batch([random_entity_prompt(rng, k) for _ in range(n)], strong.tokenizer)
+        hits = lambda preds: float((preds == batch.answer_ids).float().mean())  # noqa: E731
+        out["cmap"][k] = {
+            "weak": hits(predictions(weak, batch)),
+            "strong": hits(predictions(strong, batch)),
+            "weak + strong fetcher": hits(cross_model_patch(weak, strong, batch, planted.FETCHER)),
+            "weak + strong mover": hits(cross_model_patch(weak, strong, batch, planted.MOVER)),
+        }
+    for desideratum in tqdm(ENTITY_DESIDERATA, desc="patching"):
+        out["patching"][desideratum] = patching_table(strong, desideratum, n_patch, seed)
+    return out
+
+
+def markdown(results: dict) -> str:
+    """The measured tables as markdown."""
+    lines = ["Accuracy on random prompts (argmax == answer):", "",
+             "| model | " + " | ".join(f"{k} boxes" for k in results["accuracy"]["strong"]) + " |",
+             "|---|" + "---|" * len(results["accuracy"]["strong"])]
+    for name, accs in results["accuracy"].items():
+        lines.append(f"| planted:{name} | " + " | ".join(f"{a:.3f}" for a in accs.values()) + " |")
+    lines += ["", "Cross-model patching (same input to both; one head's output at the last token from strong):", "",
+              "| boxes | " + " | ".join(next(iter(results["cmap"].values()))) + " |",
+              "|---|" + "---|" * len(next(iter(results["cmap"].values())))]
+    for k, row in results["cmap"].items():
+        lines.append(f"| {k} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
+    lines += ["", "Single-head activation patching on planted:strong: fraction of triples whose output becomes the "
+              "desideratum's target (only entries >= 0.05 shown; every other head x position is below):", "",
+              "| desideratum | position | head | moved to target |", "|---|---|---|---|"]
+    for desideratum, table in results["patching"].items():
+        shown = False
+        for position, heads in table.items():
+            for head, value in heads.items():
+                if value >= 0.05:
+                    lines.append(f"| {desideratum} | {position} | {head} | {value:.3f} |")
+                    shown = True
+        if not shown:
+            top = max((v, h, p) for p, heads in table.items() for h, v in heads.items())
+            lines.append(f"| {desideratum} | (none; largest {top[2]} {top[1]}) | - | {top[0]:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=500, help="prompts per box count for accuracy / CMAP")
+    parser.add_argument("--n-patch", type=int, default=150, help="triples per desideratum for the patching table")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    print(markdown(measure(args.n, args.n_patch, args.seed)))  # noqa: T201 (the command's output)
+
+
+if __name__ == "__main__":
+    main()
