@@ -62,6 +62,7 @@ RAY_RESOURCES = {"GPU": 1, "CPU": 4, "cuda_memory_bytes": 8 * 1024**3}
 SERVICE_TIMEOUT_S = 120
 DEPLOY_TIMEOUT_S = 300
 READY_TIMEOUT_S = 240
+STOP_GRACE_S = 10
 
 
 def python312() -> str:
@@ -287,7 +288,11 @@ def wait_ready(models: dict) -> None:
 
 
 def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, from /proc."""
+    """Live (non-zombie) processes of a group this script started: its process group or its session.
+
+    Each service is started with setsid, so its session id is the recorded pid; Ray moves its workers into
+    process groups of their own, but they stay in that session.
+    """
     members = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -296,8 +301,8 @@ def group_members(pgid: int) -> list[int]:
             stat = (proc / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
+        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp session ...
+        if pgid in (int(fields[2]), int(fields[3])) and fields[0] != "Z":
             members.append(int(proc.name))
     return members
 
@@ -306,22 +311,30 @@ def _alive(pgid: int) -> bool:
     return bool(group_members(pgid))
 
 
+def _signal(pgid: int, sig: int) -> None:
+    for pid in [pgid, *group_members(pgid)]:
+        try:
+            os.killpg(pid, sig) if pid == pgid else os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def down(_args) -> None:
-    """SIGTERM each recorded process group (API first, Redis last), then SIGKILL what is left after a grace."""
+    """SIGTERM what each recorded session holds (API first, Redis last); SIGKILL what is left after a grace."""
     state = read_state()
     groups = state.get("groups", {})
     for name in ["api", "ray", "s3", "redis"]:
         pgid = groups.get(name)
         if pgid and _alive(pgid):
-            log.info("stopping %s (process group %d)", name, pgid)
-            os.killpg(pgid, signal.SIGTERM)
-    deadline = time.time() + 20
+            log.info("stopping %s (session %d: %d processes)", name, pgid, len(group_members(pgid)))
+            _signal(pgid, signal.SIGTERM)
+    deadline = time.time() + STOP_GRACE_S
     while time.time() < deadline and any(_alive(p) for p in groups.values()):
         time.sleep(0.5)
     for name, pgid in groups.items():
         if _alive(pgid):
-            log.warning("%s (process group %d) ignored SIGTERM: killing it", name, pgid)
-            os.killpg(pgid, signal.SIGKILL)
+            log.info("%s still running after %d s (Ray drains for 30 s): killing it", name, STOP_GRACE_S)
+            _signal(pgid, signal.SIGKILL)
     if STATE.exists():
         STATE.unlink()
     shutil.rmtree(ray_temp_dir(), ignore_errors=True)
