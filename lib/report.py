@@ -1,0 +1,98 @@
+"""Run outputs: results.json (every number with its config), report.md, and PNG plots."""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    return str(value)
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=_jsonable))
+    return path
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def heatmap(path: Path, matrix: np.ndarray, title: str, xlabel: str = "head", ylabel: str = "layer",
+            vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> Path:
+    """A layer x head grid (row 0 at the bottom, like a model's depth)."""
+    matrix = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * matrix.shape[1], 1.2 + 0.4 * matrix.shape[0]))
+    im = ax.imshow(matrix, origin="lower", vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(matrix.shape[1]))
+    ax.set_yticks(range(matrix.shape[0]))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < (vmin + vmax) / 2 else "k")
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def grouped_bars(path: Path, groups: Sequence[str], series: dict[str, Sequence[float]], title: str,
+                 ylabel: str = "accuracy") -> Path:
+    """Bars per group (e.g. desideratum), one colour per series (e.g. mask trained on X)."""
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(groups), 3.2))
+    width = 0.8 / max(len(series), 1)
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar(np.arange(len(groups)) + k * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2)
+    ax.set_xticklabels(groups)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def line_plot(path: Path, x: Sequence[float], ys: dict[str, Sequence[float]], title: str, xlabel: str,
+              ylabel: str, logx: bool = False) -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for name, y in ys.items():
+        ax.plot(x, y, marker="o", label=name)
+    if logx:
+        ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
