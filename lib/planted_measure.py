@@ -14,9 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from lib import planted
-from lib.components import Component
+from lib.components import Component, all_components
 from lib.data_gen import ENTITY_DESIDERATA, EncodedBatch, encode_batch, entity_triples, random_entity_prompt
 from lib.models import ModelHandle, load_model
+from lib.patching import Site, collect, patched_logits
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +45,6 @@ def head_rows(handle: ModelHandle, batch: EncodedBatch) -> list[torch.Tensor]:
     return rows
 
 
-def patch_each_head(
-    handle: ModelHandle, original: EncodedBatch, alternate: EncodedBatch, alt_rows: list[torch.Tensor],
-    layer: int, position: str,
-) -> torch.Tensor:
-    """(n_heads, batch) predictions, row h with head h of `layer` at `position` replaced by its alternate output.
-
-    The batch is repeated once per head (copy h patches head h), so one trace covers a whole layer.
-    """
-    n, n_heads = original.input_ids.shape[0], handle.arch.n_heads
-    inputs = {k: v.repeat(n_heads, 1) for k, v in original.inputs().items()}
-    rows = torch.arange(n)
-    with torch.no_grad(), handle.trace(inputs):
-        module = handle.arch.attn_out(handle.model, layer)
-        x = module.input.clone()
-        for head in range(n_heads):
-            cols = handle.arch.head_slice(head)
-            x[head * n + rows, original.positions[position], cols] = \
-                alt_rows[layer][rows, alternate.positions[position], cols]
-        module.input = x
-        logits = handle.arch.unembed(handle.model).output[:, -1].save()
-    return logits.argmax(-1).view(n_heads, n)
-
-
 def triple_batches(handle: ModelHandle, desideratum: str, n: int, seed: int,
                    box_counts=(3, 5, 7)) -> tuple[EncodedBatch, EncodedBatch]:
     """Original (with the desideratum's targets as answers) and alternate batches from lib.data_gen."""
@@ -81,17 +59,15 @@ def triple_batches(handle: ModelHandle, desideratum: str, n: int, seed: int,
 def patching_table(
     handle: ModelHandle, desideratum: str, n: int = 60, seed: int = 0, positions=POSITIONS
 ) -> dict[str, dict[str, float]]:
-    """{position: {head: fraction of triples whose output becomes the target}} for single-head patches."""
+    """{position: {component: fraction of triples whose output becomes the target}}, patching one component
+    (every head and MLP) at a time with lib.patching: the project's own method checked against the ground truth."""
     original, alternate = triple_batches(handle, desideratum, n, seed)
-    alt_rows = head_rows(handle, alternate)
-    table: dict[str, dict[str, float]] = {}
-    for position in positions:
-        table[position] = {}
-        for layer in range(handle.arch.n_layers):
-            preds = patch_each_head(handle, original, alternate, alt_rows, layer, position)
-            for head in range(handle.arch.n_heads):
-                hit = (preds[head] == original.answer_ids).float().mean()
-                table[position][str(Component(layer, head))] = float(hit)
+    sites = [Site(c, p) for p in positions for c in all_components(handle.arch)]
+    values = collect(handle, alternate, sites)
+    table: dict[str, dict[str, float]] = {p: {} for p in positions}
+    for site in tqdm(sites, desc=f"patching {desideratum}", leave=False):
+        preds = patched_logits(handle, original, [site], values).argmax(-1)
+        table[site.position][str(site.component)] = float((preds == original.answer_ids).float().mean())
     return table
 
 
@@ -145,7 +121,7 @@ def markdown(results: dict) -> str:
     for k, row in results["cmap"].items():
         lines.append(f"| {k} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
     lines += ["", "Single-head activation patching on planted:strong: fraction of triples whose output becomes the "
-              "desideratum's target (only entries >= 0.05 shown; every other head x position is below):", "",
+              "desideratum's target (only entries >= 0.05 shown; every other head or MLP x position is below):", "",
               "| desideratum | position | head | moved to target |", "|---|---|---|---|"]
     for desideratum, table in results["patching"].items():
         shown = False

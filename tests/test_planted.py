@@ -91,14 +91,15 @@ def test_layernorm_only_rescales_and_the_heads_attend_where_documented():
 
 @pytest.mark.parametrize("desideratum", ENTITY_DESIDERATA)
 def test_activation_patching_reproduces_the_ground_truth_table(strong, desideratum):
-    """Each head alone at each position: the planted head moves the output to the target, no other head does."""
-    original, _ = triple_batches(strong, desideratum, n=30, seed=7)
+    """Each head (and MLP) alone at each position, patched with lib.patching: the planted head moves the output to
+    the target, no other component does."""
+    original, _ = triple_batches(strong, desideratum, n=21, seed=7)
     assert not (predictions(strong, original) == original.answer_ids).any()  # unpatched, no target is said
-    table = patching_table(strong, desideratum, n=30, seed=7)
+    table = patching_table(strong, desideratum, n=21, seed=7)
     expected = planted.ground_truth("strong")["patching"][desideratum]
     assert set(table) == set(expected)
     for position, heads in table.items():
-        assert len(heads) == strong.arch.n_layers * strong.arch.n_heads
+        assert len(heads) == strong.arch.n_layers * (strong.arch.n_heads + 1)
         for head, moved in heads.items():
             if head in expected[position]:
                 assert moved >= 0.95, (head, position, table)
