@@ -205,3 +205,86 @@ def test_host_resolution_order(monkeypatch):
     assert resolve_host("http://127.0.0.1:8/") == "http://127.0.0.1:8"
     monkeypatch.delenv("NDIF_HOST")
     assert resolve_host().startswith("https://")  # nnsight's configured host, the public NDIF by default
+
+
+# ---- the project's methods, remote against local on the same model --------------------------------------------
+
+def _entity_batches(handle, n=8, seed=0):
+    import random
+
+    from lib.data_gen import encode_batch, random_entity_prompt
+
+    rng = random.Random(seed)
+    originals = [random_entity_prompt(rng, rng.choice([2, 3])) for _ in range(n)]
+    alternates = [random_entity_prompt(rng, rng.choice([2, 3])) for _ in range(n)]
+    return originals, alternates, encode_batch(originals, handle.tokenizer), encode_batch(alternates, handle.tokenizer)
+
+
+def _sites():
+    from lib.components import Component
+    from lib.patching import Site
+
+    return [Site(Component(0, 1), "query_label"), Site(Component(1, 3)), Site(Component(1, 0)), Site(Component(1)),
+            Site(Component(1, 2), "prev_query_label")]
+
+
+def test_activation_patching_remote_equals_local(local, remote):
+    from lib.patching import activation_patch, clean_logits
+
+    _, _, ob, ab = _entity_batches(local)
+    patched_l = activation_patch(local, ob, ab, _sites())
+    patched_r = activation_patch(remote, ob, ab, _sites())
+    assert patched_r.shape == (8, len(local.tokenizer))
+    assert torch.allclose(patched_r, patched_l, atol=1e-5)
+    assert (patched_r - clean_logits(local, ob)).abs().max() > 1e-3  # the patch changed the output
+
+
+def test_mean_ablation_remote_equals_local(local, remote):
+    from lib.patching import clean_logits, mean_ablate, mean_activations
+
+    _, _, ob, ab = _entity_batches(local)
+    sites = _sites()[1:4]
+    means_l = mean_activations(local, [ob, ab], sites)
+    means_r = mean_activations(remote, [ob, ab], sites)
+    assert means_r.keys() == means_l.keys()
+    assert all(torch.allclose(means_r[k], means_l[k], atol=1e-5) for k in means_l)
+    ablated_l = mean_ablate(local, ob, sites, means_l)
+    ablated_r = mean_ablate(remote, ob, sites, means_r)
+    assert torch.allclose(ablated_r, ablated_l, atol=1e-5)
+    assert (ablated_r - clean_logits(local, ob)).abs().max() > 1e-3
+
+
+# nnsight ships functions used inside a session by their source, which loses two Python features; the change
+# each needs in the shipped code (checked against this server), keyed by the server's error message.
+KNOWN_SERIALIZATION_LIMITS = {
+    "super(): __class__ cell not found": "Mask.__init__ must call torch.nn.Module.__init__(self), not super().__init__()",
+    "leaf Variable that requires grad is being used in an in-place operation":
+        "Mask.project / Mask.binary must use `with torch.no_grad():` in the body, not the @torch.no_grad() decorator",
+}
+
+
+def test_dcm_in_one_remote_session_equals_local(local, remote):
+    """train_mask runs its whole optimisation in one handle.session(): one NDIF request for all the steps."""
+    from lib.data_gen import Triple
+    from lib.mask_intervention import DCMConfig, train_mask
+
+    originals, alternates, _, _ = _entity_batches(local, n=24, seed=1)
+    triples = [Triple(o, a, a.answer, "object") for o, a in zip(originals, alternates)]
+    train, val = {"object": triples[:16]}, {"object": triples[16:]}
+    config = DCMConfig(lam=0.01, loss="logit_diff", lr=0.1, epochs=2, batch_size=8, init="half", prune=False)
+    result_l = train_mask(local, train, val, _sites(), config, progress=False)
+    try:
+        result_r = train_mask(remote, train, val, _sites(), config, progress=False)
+    except RemoteError as err:
+        for marker, change in KNOWN_SERIALIZATION_LIMITS.items():
+            if marker in str(err):
+                pytest.xfail(f"lib/mask_intervention.py cannot run remotely yet: {change} (server: {marker})")
+        raise
+    losses_l = [h["loss"]["object"] for h in result_l.history]
+    losses_r = [h["loss"]["object"] for h in result_r.history]
+    assert len(losses_r) == 4  # 2 epochs x 2 batches
+    assert losses_r == pytest.approx(losses_l, abs=1e-4)
+    assert result_r.weights == pytest.approx(result_l.weights, abs=1e-4)
+    assert result_r.mask == result_l.mask
+    assert result_r.val_accuracy == pytest.approx(result_l.val_accuracy)
+    assert max(abs(w - 1) for w in result_r.weights) > 1e-3  # the steps moved the mask on the server
