@@ -16,6 +16,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) workflows/entity_tracking.py --out runs/demo
+	@echo "Report: runs/demo/report.md (numbers: runs/demo/results.json, plots: runs/demo/*.png)"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -173,3 +173,33 @@ def test_bad_input_errors(setup):
         prepare_batches(handle, [multi], SITES, 4)
     with pytest.raises(ValueError, match="choose one of"):
         train_mask(handle, {"x": [multi]}, {}, SITES, DCMConfig(loss="mse"))
+
+
+def test_papers_recipe_misses_a_saturated_component_that_init_half_finds():
+    """Planted model with its value fetcher's query scaled x7 (attention logit gaps ~40 nats): the query-label
+    mover L1H2 gets a gradient of ~1e-7 at w = 1, so the papers' recipe never selects it, although patching it
+    alone hits the Label target every time. Starting the weights at 0.5 finds it."""
+    from lib import planted
+    from lib.data_gen import entity_triples
+
+    module, tok = planted.build("strong")
+    attn = module.transformer.h[2].attn
+    query_cols = slice(3 * 48, 4 * 48)  # L2H3's query (d_head 48)
+    attn.c_attn.weight.data[:, query_cols] *= 7
+    attn.c_attn.bias.data[query_cols] *= 7
+    handle = load_model(module, tokenizer=tok)
+    train = {"label": entity_triples("label", 64, seed=1, n_boxes=5, tokenizer=tok)}
+    val = {"label": entity_triples("label", 32, seed=2, n_boxes=5, tokenizer=tok)}
+    sites = sites_at(all_components(handle.arch, mlps=False), "last")
+    assert evaluate_mask(handle, val, sites, ["L1H2@last"])["label"] == 1.0
+
+    pb = prepare_batches(handle, train["label"], sites, 32)[0]
+    w = torch.ones(len(sites), requires_grad=True)
+    backward_on_batch(handle, pb, sites, w, "target_logit")
+    assert abs(w.grad[sites.index(Site(Component(1, 2)))]) < 1e-5
+
+    papers = train_mask(handle, train, val, sites, DCMConfig(lr=0.05, epochs=6), progress=False)
+    half = train_mask(handle, train, val, sites, DCMConfig(lr=0.05, epochs=6, init="half"), progress=False)
+    assert "L1H2@last" not in papers.patched and papers.val_accuracy["label"] == 0.0
+    assert half.patched == ["L1H2@last"] and half.val_accuracy["label"] == 1.0
+    assert half.config["init"] == "half"
