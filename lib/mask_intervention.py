@@ -111,7 +111,7 @@ class Mask(torch.nn.Module):
     BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 
     def __init__(self, n: int, parameterization: str = "clamp", init: str = "ones", seed: int = 0):
-        super().__init__()
+        torch.nn.Module.__init__(self)  # not super(): NDIF rebuilds this source without the __class__ cell
         gen = torch.Generator().manual_seed(seed)
         start = {"ones": torch.ones(n), "half": torch.full((n,), 0.5), "random": torch.rand(n, generator=gen)}[init]
         self.parameterization = parameterization
@@ -144,15 +144,16 @@ class Mask(torch.nn.Module):
         patched = 1 - self()
         return patched.sum() if kind == "l1" else (patched + eps).sqrt().sum()
 
-    @torch.no_grad()
     def project(self) -> None:
-        if self.parameterization == "clamp":
-            self.raw.clamp_(0, 1)
+        # `with torch.no_grad()` in the body, not as a decorator: the decorator does not survive remote execution
+        with torch.no_grad():
+            if self.parameterization == "clamp":
+                self.raw.clamp_(0, 1)
 
-    @torch.no_grad()
     def binary(self) -> torch.Tensor:
         """Rounded mask: 0 = patched, 1 = kept."""
-        return (self() >= 0.5).float()
+        with torch.no_grad():
+            return (self() >= 0.5).float()
 
 
 @dataclass
