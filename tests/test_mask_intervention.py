@@ -203,3 +203,23 @@ def test_papers_recipe_misses_a_saturated_component_that_init_half_finds():
     assert "L1H2@last" not in papers.patched and papers.val_accuracy["label"] == 0.0
     assert half.patched == ["L1H2@last"] and half.val_accuracy["label"] == 1.0
     assert half.config["init"] == "half"
+
+
+def test_dcm_step_on_an_offloaded_device_map_equals_in_memory(setup, tmp_path):
+    """accelerate's hooks (device_map with a layer offloaded to disk, the CPU stand-in for sharding) leave the
+    blend, the loss and the mask's gradient unchanged."""
+    handle, module, originals, alternates = setup
+    module.save_pretrained(tmp_path)
+    handle.tokenizer.save_pretrained(tmp_path)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    sharded = load_model(tmp_path, device_map=device_map, offload_folder=str(tmp_path / "offload"))
+    triples = [Triple(o, a, a.answer, "object") for o, a in zip(originals, alternates)]
+    grads, losses = [], []
+    for h in (handle, sharded):
+        pb = prepare_batches(h, triples, SITES, batch_size=8)[0]
+        w = torch.full((len(SITES),), 0.5, requires_grad=True)
+        losses.append(backward_on_batch(h, pb, SITES, w, "target_logit"))
+        grads.append(w.grad)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5) and grads[0].abs().max() > 1e-4
