@@ -41,14 +41,15 @@ WORDS = ("the", "is", "in", "box", "contains", ",", ".")
 BINDER, MOVER, FETCHER = Component(0, 1), Component(1, 2), Component(2, 3)
 BINDER_OFFSET, MOVER_OFFSET = 4, 2   # object -> label, query label -> last token, in tokens
 
-CONST = 4.0            # constant feature: keeps every token's norm close to sqrt(CONST**2 + 3)
+CONST = 40.0           # constant feature: dominates every token's norm, so LayerNorm scales are near constant
+                       # and the logits barely depend on the rest of the stream (see docs/PLANTED.md)
 N_FREQ = 16            # sinusoid frequencies of the position code
 POS_MARGIN = 14.0      # nats between the intended position and the best wrong one (positional heads)
 FETCH_MARGIN = {"strong": 6.0, "weak": 1.5}  # nats the matching label gets over a non-matching filled label
 WEAK_LETTER_BIAS = 1.5  # std (nats) of the weak fetcher's fixed per-letter preference
 FLAG_BONUS = 12.0      # nats for a key that carries the "box filled" flag (excludes the query label itself)
 LABEL_BONUS = 12.0     # nats for a key that is a label token (excludes junk flags at the first tokens)
-LOGIT_SCALE = 40.0     # unembedding gain on the object subspace
+LOGIT_NATS = 10.0      # logit of a fully fetched object
 SCRATCH = 8            # dims the distractor heads write to; nothing in the circuit reads them
 
 
@@ -283,7 +284,7 @@ def build(variant: str = "strong") -> tuple[GPT2LMHeadModel, object]:
         tr.ln_f.weight.fill_(ln_gain)
         unembed = torch.zeros(len(tokenizer), lay.size, dtype=torch.float64)
         for i, obj in enumerate(OBJECTS):
-            unembed[vocab[obj], lay["obj"].start + i] = LOGIT_SCALE
+            unembed[vocab[obj], lay["obj"].start + i] = LOGIT_NATS * _typical_norm(lay, 2.25)
         model.lm_head.weight.copy_(f32(unembed @ e.T))
     if model.lm_head.weight.data_ptr() == tr.wte.weight.data_ptr():
         raise AssertionError("lm_head is tied to the embedding; the construction needs them separate")

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from lib import planted
-from lib.components import Component
-from lib.data_gen import ENTITY_DESIDERATA, encode_batch, random_entity_prompt
+from lib.components import Component, all_components
+from lib.data_gen import ENTITY_DESIDERATA, encode_batch, entity_triples, random_entity_prompt
+from lib.mask_intervention import DCMConfig, lambda_sweep, train_mask
 from lib.models import load_model
+from lib.patching import sites_at
 from lib.planted_measure import accuracy, cross_model_patch, patching_table, predictions, triple_batches
 
 
@@ -28,6 +30,20 @@ def weak():
 def _prompts(n_boxes, n, seed):
     rng = random.Random(seed)
     return [random_entity_prompt(rng, n_boxes) for _ in range(n)]
+
+
+def _triples(handle, desideratum, n, seed):
+    return [t for k in (3, 5, 7)
+            for t in entity_triples(desideratum, n // 3, n_boxes=k, seed=seed + k, tokenizer=handle.tokenizer)]
+
+
+# DCM over every head and MLP at the last token (the papers' setting); a short, fast schedule.
+DCM = dict(lr=0.1, epochs=12, batch_size=24, prune=False)
+
+
+def _final_mask(sites, weights):
+    """The patched sites of the final continuous weights (w < 0.5), not a mask picked on validation."""
+    return {str(s) for s, w in zip(sites, weights) if w < 0.5}
 
 
 def test_builds_deterministically_as_gpt2_without_training():
@@ -116,3 +132,34 @@ def test_patching_the_strong_value_fetcher_into_the_weak_model_restores_accuracy
     assert weak_acc < 0.85 and strong_acc >= 0.99
     assert hits(cross_model_patch(weak, strong, batch, planted.FETCHER)) == strong_acc
     assert hits(cross_model_patch(weak, strong, batch, planted.MOVER)) == weak_acc  # the mover is the same
+
+
+@pytest.mark.parametrize("desideratum", ["object", "label"])
+def test_dcm_selects_exactly_the_planted_head(strong, desideratum):
+    """DCM (lib.mask_intervention) with the Object desideratum patches only the value fetcher, with the Label
+    desideratum only the query-label mover."""
+    sites = sites_at(all_components(strong.arch), "last")
+    train, val = _triples(strong, desideratum, 24, 0), _triples(strong, desideratum, 12, 100)
+    result = train_mask(strong, {desideratum: train}, {desideratum: val}, sites, DCMConfig(lam=0.01, **DCM),
+                        progress=False)
+    expected = {f"{h}@last" for h in planted.ground_truth("strong")["desiderata"][desideratum]}
+    assert set(result.patched) == expected
+    assert _final_mask(sites, result.weights) == expected
+    assert result.val_accuracy[desideratum] >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("desideratum", ["object", "label"])
+def test_lambda_sweep_planted_head_is_the_last_to_leave_the_mask(strong, desideratum):
+    """From a random start, a growing sparsity penalty drops the distractors first and the planted head last."""
+    sites = sites_at(all_components(strong.arch), "last")
+    train, val = _triples(strong, desideratum, 24, 0), _triples(strong, desideratum, 12, 100)
+    rows = lambda_sweep(strong, {desideratum: train}, {desideratum: val}, sites, [0.0, 0.01, 1.0, 100.0],
+                        DCMConfig(init="random", **DCM), progress=False)
+    masks = [_final_mask(sites, row["weights"]) for row in rows]
+    expected = {f"{h}@last" for h in planted.ground_truth("strong")["desiderata"][desideratum]}
+    assert expected < masks[0]  # without a penalty, distractors that started patched stay patched
+    for bigger, smaller in zip(masks, masks[1:]):
+        assert smaller <= bigger, masks
+    assert [m for m in masks if m][-1] == expected, masks
+    assert masks[-1] == set(), masks
