@@ -33,23 +33,31 @@ from lib.components import Component
 from lib.data_gen import LABELS, OBJECTS
 from lib.tokenization import SPECIAL_TOKENS, word_level_tokenizer
 
-VARIANTS = ("strong", "weak")
+VARIANTS = ("strong", "weak", "positional")
+MECHANISM = {"strong": "label", "weak": "label", "positional": "position"}  # what the fetch is keyed on
 N_LAYERS, N_HEADS, D_MODEL = 3, 4, 192
 N_POSITIONS = 256
 WORDS = ("the", "is", "in", "box", "contains", ",", ".")
 
+# The circuit's three heads. strong / weak: binder, query-label mover, value fetcher. positional: the same slots
+# hold the position detector, position transmitter and value fetcher.
 BINDER, MOVER, FETCHER = Component(0, 1), Component(1, 2), Component(2, 3)
+POSITION_DETECTOR, POSITION_TRANSMITTER = BINDER, MOVER
 BINDER_OFFSET, MOVER_OFFSET = 4, 2   # object -> label, query label -> last token, in tokens
 
 CONST = 40.0           # constant feature: dominates every token's norm, so LayerNorm scales are near constant
                        # and the logits barely depend on the rest of the stream (see docs/PLANTED.md)
-N_FREQ = 16            # sinusoid frequencies of the position code
+N_FREQ = 11            # sinusoid frequencies of the position code (2 * N_FREQ + 26 label dims fit one head)
 POS_MARGIN = 14.0      # nats between the intended position and the best wrong one (positional heads)
-FETCH_MARGIN = {"strong": 6.0, "weak": 1.5}  # nats the matching label gets over a non-matching filled label
+FETCH_MARGIN = {"strong": 6.0, "weak": 1.5,   # nats the matching label gets over a non-matching filled label
+                "positional": 3.5}            # nats the pointed-to object gets over any other object, at least
+SEGMENT_TOKENS = 7     # ", the apple is in box f": objects sit a multiple of 7 tokens apart
 WEAK_LETTER_BIAS = 1.5  # std (nats) of the weak fetcher's fixed per-letter preference
 FLAG_BONUS = 12.0      # nats for a key that carries the "box filled" flag (excludes the query label itself)
 LABEL_BONUS = 12.0     # nats for a key that is a label token (excludes junk flags at the first tokens)
 LOGIT_NATS = 10.0      # logit of a fully fetched object
+DETECT_MARGIN = 12.0   # positional: nats the earlier occurrence of the query label gets over the label itself
+OBJECT_BONUS = 8.0     # positional: nats for a key that is an object token
 SCRATCH = 8            # dims the distractor heads write to; nothing in the circuit reads them
 
 
@@ -60,10 +68,15 @@ class Layout:
     n_obj: int
     n_lab: int
     n_word: int
+    mechanism: str = "label"
 
     def _sizes(self) -> dict[str, int]:
-        return {"const": 1, "obj": self.n_obj, "lab": self.n_lab, "word": self.n_word, "pos": 2 * N_FREQ,
-                "flag": 1, "qlab": self.n_lab, "scratch": SCRATCH}
+        sizes = {"const": 1, "obj": self.n_obj, "lab": self.n_lab, "word": self.n_word, "pos": 2 * N_FREQ}
+        if self.mechanism == "label":   # "box filled" flag, queried label
+            sizes.update(flag=1, qlab=self.n_lab)
+        else:                           # pointer at the query label, pointer moved to the last token
+            sizes.update(ptr=2 * N_FREQ, ptr2=2 * N_FREQ)
+        return {**sizes, "scratch": SCRATCH}
 
     def __getitem__(self, name: str) -> slice:
         start = 0
@@ -94,11 +107,15 @@ def position_code(positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=1) / math.sqrt(N_FREQ)
 
 
+def _similarities() -> torch.Tensor:
+    """code(p) . code(p + d) for every d = 1 .. N_POSITIONS - 1."""
+    deltas = torch.arange(1, N_POSITIONS, dtype=torch.float64)
+    return (deltas[:, None] * _frequencies()[None]).cos().mean(1)
+
+
 def position_gap() -> float:
     """1 - the largest similarity between two different positions below N_POSITIONS."""
-    deltas = torch.arange(1, N_POSITIONS, dtype=torch.float64)
-    sims = (deltas[:, None] * _frequencies()[None]).cos().mean(1)
-    return float(1 - sims.max())
+    return float(1 - _similarities().max())
 
 
 def _shift(offset: int) -> torch.Tensor:
@@ -169,29 +186,24 @@ def _content(head: _Head, lay: Layout, feature: str, nats: float, norm: float) -
     head.wk[0, lay[feature]] = 1
 
 
-def _heads(variant: str, lay: Layout, d_head: int) -> dict[Component, _Head]:
-    gen = torch.Generator().manual_seed(1)
-    heads = {Component(layer, h): _Head(lay.size, d_head) for layer in range(N_LAYERS) for h in range(N_HEADS)}
-    n0 = _typical_norm(lay)            # layer 0 input
-    n1 = _typical_norm(lay, 2.25)      # later layers: + bound object/flag or queried label, + scratch
-
-    # Circuit.
+def _label_circuit(heads: dict[Component, _Head], variant: str, lay: Layout, n0: float, n1: float) -> None:
+    """Binder (label <- its object), query-label mover (last <- query label), fetcher keyed on label identity."""
+    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
     b = heads[BINDER]
     _positional(b, lay, BINDER_OFFSET, n0)
-    b.wv[: lay.n_obj, lay["obj"]] = torch.eye(lay.n_obj, dtype=torch.float64)
+    b.wv[: lay.n_obj, lay["obj"]] = eye(lay.n_obj)
     b.wv[lay.n_obj, lay["obj"]] = 1                         # flag = "an object was found"
-    b.wo[lay["obj"], : lay.n_obj] = torch.eye(lay.n_obj, dtype=torch.float64) * n0  # undo LayerNorm scaling
+    b.wo[lay["obj"], : lay.n_obj] = eye(lay.n_obj) * n0     # * norm: undo LayerNorm's scaling
     b.wo[lay["flag"], lay.n_obj] = n0
 
     m = heads[MOVER]
     _positional(m, lay, MOVER_OFFSET, n1)
-    m.wv[: lay.n_lab, lay["lab"]] = torch.eye(lay.n_lab, dtype=torch.float64)
-    m.wo[lay["qlab"], : lay.n_lab] = torch.eye(lay.n_lab, dtype=torch.float64) * n1
+    m.wv[: lay.n_lab, lay["lab"]] = eye(lay.n_lab)
+    m.wo[lay["qlab"], : lay.n_lab] = eye(lay.n_lab) * n1
 
     f = heads[FETCHER]
-    eye_lab = torch.eye(lay.n_lab, dtype=torch.float64)
-    f.wq[: lay.n_lab, lay["qlab"]] = FETCH_MARGIN[variant] * n1 * n1 * eye_lab
-    f.wk[: lay.n_lab, lay["lab"]] = eye_lab
+    f.wq[: lay.n_lab, lay["qlab"]] = FETCH_MARGIN[variant] * n1 * n1 * eye(lay.n_lab)
+    f.wk[: lay.n_lab, lay["lab"]] = eye(lay.n_lab)
     f.bq[lay.n_lab] = FLAG_BONUS * n1
     f.wk[lay.n_lab, lay["flag"]] = 1
     f.bq[lay.n_lab + 1] = LABEL_BONUS * n1
@@ -200,8 +212,55 @@ def _heads(variant: str, lay: Layout, d_head: int) -> dict[Component, _Head]:
         letter_bias = torch.randn(lay.n_lab, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
         f.bq[lay.n_lab + 2] = WEAK_LETTER_BIAS * n1
         f.wk[lay.n_lab + 2, lay["lab"]] = letter_bias
-    f.wv[: lay.n_obj, lay["obj"]] = torch.eye(lay.n_obj, dtype=torch.float64)
-    f.wo[lay["obj"], : lay.n_obj] = torch.eye(lay.n_obj, dtype=torch.float64) * n1
+    f.wv[: lay.n_obj, lay["obj"]] = eye(lay.n_obj)
+    f.wo[lay["obj"], : lay.n_obj] = eye(lay.n_obj) * n1
+
+
+def _position_circuit(heads: dict[Component, _Head], lay: Layout, n0: float, n1: float) -> None:
+    """Prakash et al.'s mechanism: detector (query label <- position of its earlier occurrence), transmitter
+    (last <- that pointer), fetcher (last <- the object 4 tokens before the pointed-to label)."""
+    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
+    n_pos = 2 * N_FREQ
+    sims = _similarities()
+    d = heads[POSITION_DETECTOR]
+    # score = match * label identity - suppress * code(p).code(p'): the token itself scores suppress * gap below
+    # the earlier occurrence; the identity match outweighs the spread of the position term over other tokens.
+    suppress = DETECT_MARGIN / position_gap()
+    match = DETECT_MARGIN + suppress * float(1 - sims.min())
+    d.wq[: lay.n_lab, lay["lab"]] = match * n0 * n0 * eye(lay.n_lab)
+    d.wk[: lay.n_lab, lay["lab"]] = eye(lay.n_lab)
+    d.wq[lay.n_lab: lay.n_lab + n_pos, lay["pos"]] = -suppress * n0 * n0 * eye(n_pos)
+    d.wk[lay.n_lab: lay.n_lab + n_pos, lay["pos"]] = eye(n_pos)
+    d.wv[:n_pos, lay["pos"]] = eye(n_pos)
+    d.wo[lay["ptr"], :n_pos] = eye(n_pos) * n0
+
+    t = heads[POSITION_TRANSMITTER]
+    _positional(t, lay, MOVER_OFFSET, n1)
+    t.wv[:n_pos, lay["ptr"]] = eye(n_pos)
+    t.wo[lay["ptr2"], :n_pos] = eye(n_pos) * n1
+
+    f = heads[FETCHER]
+    # Soft on purpose (like the label fetcher): the pointed-to object wins the argmax by FETCH_MARGIN nats over
+    # objects in other segments, and a blended pointer still moves the attention, so DCM gets a gradient.
+    scale = FETCH_MARGIN["positional"] / float(1 - sims[SEGMENT_TOKENS - 1::SEGMENT_TOKENS].max())
+    f.wq[:n_pos, lay["ptr2"]] = scale * n1 * n1 * _shift(BINDER_OFFSET)  # pointer to the label -> its object
+    f.wk[:n_pos, lay["pos"]] = eye(n_pos)
+    f.bq[n_pos] = OBJECT_BONUS * n1
+    f.wk[n_pos, lay["obj"]] = 1
+    f.wv[: lay.n_obj, lay["obj"]] = eye(lay.n_obj)
+    f.wo[lay["obj"], : lay.n_obj] = eye(lay.n_obj) * n1
+
+
+def _heads(variant: str, lay: Layout, d_head: int) -> dict[Component, _Head]:
+    gen = torch.Generator().manual_seed(1)
+    heads = {Component(layer, h): _Head(lay.size, d_head) for layer in range(N_LAYERS) for h in range(N_HEADS)}
+    n0 = _typical_norm(lay)            # layer 0 input
+    n1 = _typical_norm(lay, 2.25)      # later layers: + bound object/flag or queried label, + scratch
+
+    if MECHANISM[variant] == "label":
+        _label_circuit(heads, variant, lay, n0, n1)
+    else:
+        _position_circuit(heads, lay, n0, n1)
 
     # Distractors: real attention patterns, outputs only in the scratch subspace.
     _positional(heads[Component(0, 0)], lay, 1, n0)          # previous token
@@ -243,7 +302,7 @@ def build(variant: str = "strong") -> tuple[GPT2LMHeadModel, object]:
         raise ValueError(f"unknown planted variant {variant!r}: use one of {', '.join(VARIANTS)}")
     tokenizer = build_tokenizer()
     vocab = tokenizer.get_vocab()
-    lay = Layout(len(OBJECTS), len(LABELS), len(tokenizer) - len(OBJECTS) - len(LABELS))
+    lay = Layout(len(OBJECTS), len(LABELS), len(tokenizer) - len(OBJECTS) - len(LABELS), MECHANISM[variant])
     if lay.size >= D_MODEL:
         raise AssertionError(f"logical space {lay.size} does not fit in d_model {D_MODEL}")
     d_head = D_MODEL // N_HEADS
@@ -291,17 +350,7 @@ def build(variant: str = "strong") -> tuple[GPT2LMHeadModel, object]:
     return model.eval().requires_grad_(False), tokenizer
 
 
-def ground_truth(variant: str = "strong") -> dict:
-    """Which head does what, where, and which desideratum (Object / Label / Position) it answers to.
-
-    `patching[desideratum][position]` lists the heads whose activation patching *alone* at that token position
-    moves the output to the desideratum's target (as lib.data_gen.entity_triples builds them: the original answer
-    and the three targets are four different objects); every other (head, position) leaves it. MLPs do nothing.
-    Position: no head. The fetch is by label identity, never by position, so a method that reports positional
-    heads on this model is wrong (unlike Llama-7B in Prakash et al., where Groups B and C carry position).
-    """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown planted variant {variant!r}: use one of {', '.join(VARIANTS)}")
+def _label_truth(variant: str) -> tuple[list[dict], dict]:
     circuit = [
         {"component": str(BINDER), "role": "object binder", "position": "label_i",
          "attends_to": f"object_i ({BINDER_OFFSET} tokens back)",
@@ -314,18 +363,58 @@ def ground_truth(variant: str = "strong") -> dict:
          "writes": "the object bound at that label, read by the unembedding"
                    + (" (blunted match plus a fixed per-letter preference)" if variant == "weak" else "")},
     ]
-    patching = {  # keys: lib.data_gen.ENTITY_DESIDERATA
+    patching = {
         "object": {"last": [str(FETCHER)], "prev_query_label": [str(BINDER)], "query_label": []},
         "label": {"last": [str(MOVER)], "prev_query_label": [], "query_label": []},
         "position": {"last": [], "prev_query_label": [], "query_label": []},
     }
+    return circuit, patching
+
+
+def _position_truth() -> tuple[list[dict], dict]:
+    circuit = [
+        {"component": str(POSITION_DETECTOR), "role": "position detector", "position": "query_label",
+         "attends_to": "prev_query_label (the earlier occurrence of the same label)",
+         "writes": "that token's position code (a pointer) into the query label's stream"},
+        {"component": str(POSITION_TRANSMITTER), "role": "position transmitter", "position": "last",
+         "attends_to": f"query_label ({MOVER_OFFSET} tokens back)",
+         "writes": "the pointer into the last token's stream"},
+        {"component": str(FETCHER), "role": "value fetcher", "position": "last",
+         "attends_to": f"correct_object (the object {BINDER_OFFSET} tokens before the pointed-to label)",
+         "writes": "that object's identity, read by the unembedding"},
+    ]
+    patching = {
+        "object": {"last": [str(FETCHER)], "prev_query_label": [], "query_label": []},
+        "label": {"last": [], "prev_query_label": [], "query_label": []},
+        "position": {"last": [str(POSITION_TRANSMITTER)], "prev_query_label": [],
+                     "query_label": [str(POSITION_DETECTOR)]},
+    }
+    return circuit, patching
+
+
+def ground_truth(variant: str = "strong") -> dict:
+    """Which head does what, where, and which desideratum (object / label / position) it answers to.
+
+    `patching[desideratum][position]` lists the heads whose activation patching *alone* at that token position
+    moves the output to the desideratum's target (as lib.data_gen.entity_triples builds them: the original answer
+    and the three targets are four different objects); every other (component, position) leaves it. MLPs do
+    nothing. `desiderata` is the same for the last token only (the sites DCM masks in the papers' setting).
+
+    strong / weak fetch by label identity: no head answers to position, and a method that reports positional heads
+    there is wrong. positional fetches by position, like Llama-7B in Prakash et al. (Groups A, B, C): no head
+    answers to label there.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown planted variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    circuit, patching = _label_truth(variant) if MECHANISM[variant] == "label" else _position_truth()
     return {
         "name": f"planted:{variant}",
         "architecture": "gpt2",
+        "mechanism": MECHANISM[variant],
         "n_layers": N_LAYERS,
         "n_heads": N_HEADS,
         "circuit": circuit,
-        "desiderata": {"object": [str(FETCHER)], "label": [str(MOVER)], "position": []},  # heads at "last"
+        "desiderata": {name: table["last"] for name, table in patching.items()},  # keys: data_gen.ENTITY_DESIDERATA
         "patching": patching,
         "distractors": [str(Component(layer, h)) for layer in range(N_LAYERS) for h in range(N_HEADS)
                         if Component(layer, h) not in (BINDER, MOVER, FETCHER)],

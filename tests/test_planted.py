@@ -1,7 +1,7 @@
 """The planted models solve entity tracking through the circuit `lib.planted.ground_truth` documents.
 
-Everything here is measured on freshly generated prompts through real nnsight traces; no accuracy is taken from
-the builder.
+Everything is measured on freshly generated prompts through real nnsight traces, with the project's own methods
+(lib.patching, lib.mask_intervention); no accuracy is taken from the builder.
 """
 import random
 
@@ -16,15 +16,20 @@ from lib.models import load_model
 from lib.patching import sites_at
 from lib.planted_measure import accuracy, cross_model_patch, patching_table, predictions, triple_batches
 
-
-@pytest.fixture(scope="module")
-def strong():
-    return load_model("planted:strong")
+SOLVERS = ("strong", "positional")  # the variants that solve the task
 
 
 @pytest.fixture(scope="module")
-def weak():
-    return load_model("planted:weak")
+def handles():
+    """One ModelHandle per variant, loaded on first use."""
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            cache[variant] = load_model(f"planted:{variant}")
+        return cache[variant]
+
+    return get
 
 
 def _prompts(n_boxes, n, seed):
@@ -35,6 +40,10 @@ def _prompts(n_boxes, n, seed):
 def _triples(handle, desideratum, n, seed):
     return [t for k in (3, 5, 7)
             for t in entity_triples(desideratum, n // 3, n_boxes=k, seed=seed + k, tokenizer=handle.tokenizer)]
+
+
+def _expected_at_last(variant, desideratum):
+    return {f"{h}@last" for h in planted.ground_truth(variant)["desiderata"][desideratum]}
 
 
 # DCM over every head and MLP at the last token (the papers' setting); a short, fast schedule.
@@ -54,36 +63,49 @@ def test_builds_deterministically_as_gpt2_without_training():
     assert model_a.config.model_type == "gpt2"
     assert model_a.lm_head.weight.data_ptr() != model_a.transformer.wte.weight.data_ptr()
     assert tok("Box F contains the apple")["input_ids"] == tok("box f contains the apple")["input_ids"]
-    with pytest.raises(ValueError, match="strong, weak"):
+    with pytest.raises(ValueError, match="strong, weak, positional"):
         planted.build("medium")
 
 
-def test_ground_truth_names_real_heads_and_every_desideratum(strong):
-    for variant in planted.VARIANTS:
-        truth = planted.ground_truth(variant)
-        assert set(truth["patching"]) == set(ENTITY_DESIDERATA)
-        named = [Component.parse(c["component"]) for c in truth["circuit"]]
-        named += [Component.parse(h) for table in truth["patching"].values() for hs in table.values() for h in hs]
-        for comp in named:
-            comp.check(strong.arch)
-        assert len(truth["distractors"]) + len(truth["circuit"]) == strong.arch.n_layers * strong.arch.n_heads
+@pytest.mark.parametrize("variant", planted.VARIANTS)
+def test_ground_truth_names_real_heads_and_every_desideratum(handles, variant):
+    truth = planted.ground_truth(variant)
+    arch = handles("strong").arch
+    assert set(truth["patching"]) == set(truth["desiderata"]) == set(ENTITY_DESIDERATA)
+    named = [Component.parse(c["component"]) for c in truth["circuit"]]
+    named += [Component.parse(h) for table in truth["patching"].values() for hs in table.values() for h in hs]
+    for comp in named:
+        comp.check(arch)
+    assert len(truth["distractors"]) + len(truth["circuit"]) == arch.n_layers * arch.n_heads
 
 
+@pytest.mark.parametrize("variant", SOLVERS)
 @pytest.mark.parametrize("n_boxes", [3, 5, 7])
-def test_strong_model_solves_entity_tracking(strong, n_boxes):
-    assert accuracy(strong, n_boxes, n=200, seed=1234 + n_boxes) >= 0.99
+def test_planted_model_solves_entity_tracking(handles, variant, n_boxes):
+    assert accuracy(handles(variant), n_boxes, n=200, seed=1234 + n_boxes) >= 0.99
 
 
-def test_weak_model_accuracy_is_in_the_documented_band(weak):
-    accs = [accuracy(weak, n_boxes, n=200, seed=1234 + n_boxes) for n_boxes in (3, 5, 7)]
+def test_weak_model_accuracy_is_in_the_documented_band(handles):
+    accs = [accuracy(handles("weak"), n_boxes, n=200, seed=1234 + n_boxes) for n_boxes in (3, 5, 7)]
     assert all(0.45 <= a <= 0.85 for a in accs), accs
     assert accs[0] > accs[2]  # more boxes, more competitors for the blunted fetch
 
 
-def test_layernorm_only_rescales_and_the_heads_attend_where_documented():
+# (head, query position, key position) of each variant's circuit, read from eager attention.
+ATTENTION = {
+    "strong": [(planted.BINDER, "label_i", "object_i"), (planted.MOVER, "last", "query_label"),
+               (planted.FETCHER, "last", "prev_query_label")],
+    "positional": [(planted.POSITION_DETECTOR, "query_label", "prev_query_label"),
+                   (planted.POSITION_TRANSMITTER, "last", "query_label"),
+                   (planted.FETCHER, "last", "correct_object")],
+}
+
+
+@pytest.mark.parametrize("variant", SOLVERS)
+def test_layernorm_only_rescales_and_the_heads_attend_where_documented(variant):
     """LayerNorm cannot break the construction: the stream stays zero-mean, and after LayerNorm each circuit head
     puts its attention on the documented token (measured with eager attention on a plain forward)."""
-    model, tok = planted.build("strong")
+    model, tok = planted.build(variant)
     model.set_attn_implementation("eager")
     prompts = [p for n_boxes in (3, 5, 7) for p in _prompts(n_boxes, 40, 99 + n_boxes)]
     batch = encode_batch(prompts, tok)
@@ -95,36 +117,38 @@ def test_layernorm_only_rescales_and_the_heads_attend_where_documented():
         h = hidden[real]
         assert (h.mean(-1).abs() / h.norm(dim=-1)).max() < 1e-5
     rows, pos = torch.arange(len(prompts)), batch.positions
-    binder, mover, fetcher = planted.BINDER, planted.MOVER, planted.FETCHER
-    att = lambda comp: out.attentions[comp.layer][:, comp.head]  # noqa: E731
-    labels = [name for name in pos if name.startswith("label_")]  # boxes every prompt has
-    for name in labels:
-        obj = pos[name.replace("label_", "object_")]
-        assert att(binder)[rows, pos[name], obj].min() > 0.99
-    assert att(mover)[rows, pos["last"], pos["query_label"]].min() > 0.99
-    assert att(fetcher)[rows, pos["last"], pos["prev_query_label"]].min() > 0.95
+    boxes = [name[len("label_"):] for name in pos if name.startswith("label_")]  # boxes every prompt has
+    for comp, query, key in ATTENTION[variant]:
+        pairs = [(query.replace("_i", f"_{i}"), key.replace("_i", f"_{i}")) for i in boxes] if query == "label_i" \
+            else [(query, key)]
+        for q, k in pairs:
+            weight = out.attentions[comp.layer][rows, comp.head, pos[q], pos[k]]
+            assert weight.min() > 0.95, (comp, q, k, weight.min())
 
 
+@pytest.mark.parametrize("variant", SOLVERS)
 @pytest.mark.parametrize("desideratum", ENTITY_DESIDERATA)
-def test_activation_patching_reproduces_the_ground_truth_table(strong, desideratum):
+def test_activation_patching_reproduces_the_ground_truth_table(handles, variant, desideratum):
     """Each head (and MLP) alone at each position, patched with lib.patching: the planted head moves the output to
     the target, no other component does."""
-    original, _ = triple_batches(strong, desideratum, n=21, seed=7)
-    assert not (predictions(strong, original) == original.answer_ids).any()  # unpatched, no target is said
-    table = patching_table(strong, desideratum, n=21, seed=7)
-    expected = planted.ground_truth("strong")["patching"][desideratum]
+    handle = handles(variant)
+    original, _ = triple_batches(handle, desideratum, n=21, seed=7)
+    assert not (predictions(handle, original) == original.answer_ids).any()  # unpatched, no target is said
+    table = patching_table(handle, desideratum, n=21, seed=7)
+    expected = planted.ground_truth(variant)["patching"][desideratum]
     assert set(table) == set(expected)
-    for position, heads in table.items():
-        assert len(heads) == strong.arch.n_layers * (strong.arch.n_heads + 1)
-        for head, moved in heads.items():
-            if head in expected[position]:
-                assert moved >= 0.95, (head, position, table)
+    for position, components in table.items():
+        assert len(components) == handle.arch.n_layers * (handle.arch.n_heads + 1)
+        for comp, moved in components.items():
+            if comp in expected[position]:
+                assert moved >= 0.95, (comp, position, table)
             else:
-                assert moved <= 0.05, (head, position, table)
+                assert moved <= 0.05, (comp, position, table)
 
 
-def test_patching_the_strong_value_fetcher_into_the_weak_model_restores_accuracy(strong, weak):
+def test_patching_the_strong_value_fetcher_into_the_weak_model_restores_accuracy(handles):
     """Cross-model patching: same input to both, strong L2H3 output at the last token written into the weak model."""
+    strong, weak = handles("strong"), handles("weak")
     prompts = [p for n_boxes in (3, 5, 7) for p in _prompts(n_boxes, 60, 555 + n_boxes)]
     batch = encode_batch(prompts, strong.tokenizer)
     hits = lambda preds: float((preds == batch.answer_ids).float().mean())  # noqa: E731
@@ -134,30 +158,36 @@ def test_patching_the_strong_value_fetcher_into_the_weak_model_restores_accuracy
     assert hits(cross_model_patch(weak, strong, batch, planted.MOVER)) == weak_acc  # the mover is the same
 
 
-@pytest.mark.parametrize("desideratum", ["object", "label"])
-def test_dcm_selects_exactly_the_planted_head(strong, desideratum):
-    """DCM (lib.mask_intervention) with the Object desideratum patches only the value fetcher, with the Label
-    desideratum only the query-label mover."""
-    sites = sites_at(all_components(strong.arch), "last")
-    train, val = _triples(strong, desideratum, 24, 0), _triples(strong, desideratum, 12, 100)
-    result = train_mask(strong, {desideratum: train}, {desideratum: val}, sites, DCMConfig(lam=0.01, **DCM),
+@pytest.mark.parametrize("variant,desideratum",
+                         [("strong", "object"), ("strong", "label"), ("positional", "object"),
+                          ("positional", "position")])
+def test_dcm_selects_exactly_the_planted_head(handles, variant, desideratum):
+    """DCM (lib.mask_intervention) over every head and MLP at the last token patches exactly the head the ground
+    truth names: Object -> value fetcher; Label -> query-label mover; Position -> position transmitter."""
+    handle = handles(variant)
+    sites = sites_at(all_components(handle.arch), "last")
+    train, val = _triples(handle, desideratum, 24, 0), _triples(handle, desideratum, 12, 100)
+    result = train_mask(handle, {desideratum: train}, {desideratum: val}, sites, DCMConfig(lam=0.01, **DCM),
                         progress=False)
-    expected = {f"{h}@last" for h in planted.ground_truth("strong")["desiderata"][desideratum]}
+    expected = _expected_at_last(variant, desideratum)
+    assert len(expected) == 1
     assert set(result.patched) == expected
     assert _final_mask(sites, result.weights) == expected
     assert result.val_accuracy[desideratum] >= 0.95
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("desideratum", ["object", "label"])
-def test_lambda_sweep_planted_head_is_the_last_to_leave_the_mask(strong, desideratum):
+@pytest.mark.parametrize("variant,desideratum", [("strong", "object"), ("strong", "label"),
+                                                 ("positional", "position")])
+def test_lambda_sweep_planted_head_is_the_last_to_leave_the_mask(handles, variant, desideratum):
     """From a random start, a growing sparsity penalty drops the distractors first and the planted head last."""
-    sites = sites_at(all_components(strong.arch), "last")
-    train, val = _triples(strong, desideratum, 24, 0), _triples(strong, desideratum, 12, 100)
-    rows = lambda_sweep(strong, {desideratum: train}, {desideratum: val}, sites, [0.0, 0.01, 1.0, 100.0],
+    handle = handles(variant)
+    sites = sites_at(all_components(handle.arch), "last")
+    train, val = _triples(handle, desideratum, 24, 0), _triples(handle, desideratum, 12, 100)
+    rows = lambda_sweep(handle, {desideratum: train}, {desideratum: val}, sites, [0.0, 0.01, 1.0, 100.0],
                         DCMConfig(init="random", **DCM), progress=False)
     masks = [_final_mask(sites, row["weights"]) for row in rows]
-    expected = {f"{h}@last" for h in planted.ground_truth("strong")["desiderata"][desideratum]}
+    expected = _expected_at_last(variant, desideratum)
     assert expected < masks[0]  # without a penalty, distractors that started patched stay patched
     for bigger, smaller in zip(masks, masks[1:]):
         assert smaller <= bigger, masks
