@@ -87,12 +87,29 @@ def cross_model_patch(
     return logits.argmax(-1)
 
 
+def dcm_selection(handle: ModelHandle, desideratum: str, n_train: int = 48, n_val: int = 24, seed: int = 0,
+                  **config) -> dict:
+    """DCM over every head and MLP at the last token for one desideratum: the patched sites and val accuracy."""
+    from lib.mask_intervention import DCMConfig, train_mask
+
+    def triples(n, s):
+        return [t for k in (3, 5, 7)
+                for t in entity_triples(desideratum, n // 3, n_boxes=k, seed=s + k, tokenizer=handle.tokenizer)]
+
+    sites = [Site(c, "last") for c in all_components(handle.arch)]
+    settings = {"lam": 0.01, "lr": 0.1, "epochs": 12, "batch_size": 24, "prune": False, **config}
+    result = train_mask(handle, {desideratum: triples(n_train, seed)}, {desideratum: triples(n_val, seed + 100)},
+                        sites, DCMConfig(**settings), progress=False)
+    return {"patched": result.patched, "val_accuracy": result.val_accuracy[desideratum], "config": settings}
+
+
 def measure(n: int = 500, n_patch: int = 150, seed: int = 0) -> dict:
     """Every number docs/PLANTED.md reports."""
-    strong, weak = load_model("planted:strong"), load_model("planted:weak")
-    out: dict = {"accuracy": {}, "cmap": {}, "patching": {}}
-    for name, handle in [("strong", strong), ("weak", weak)]:
+    handles = {v: load_model(f"planted:{v}") for v in planted.VARIANTS}
+    out: dict = {"accuracy": {}, "cmap": {}, "patching": {}, "dcm": {}}
+    for name, handle in handles.items():
         out["accuracy"][name] = {k: accuracy(handle, k, n, seed + k) for k in tqdm(range(3, 8), desc=name)}
+    strong, weak = handles["strong"], handles["weak"]
     rng = random.Random(seed + 1)
     for k in (3, 5, 7):
         batch = encode_batch([random_entity_prompt(rng, k) for _ in range(n)], strong.tokenizer)
@@ -103,36 +120,46 @@ def measure(n: int = 500, n_patch: int = 150, seed: int = 0) -> dict:
             "weak + strong fetcher": hits(cross_model_patch(weak, strong, batch, planted.FETCHER)),
             "weak + strong mover": hits(cross_model_patch(weak, strong, batch, planted.MOVER)),
         }
-    for desideratum in tqdm(ENTITY_DESIDERATA, desc="patching"):
-        out["patching"][desideratum] = patching_table(strong, desideratum, n_patch, seed)
+    for variant in ("strong", "positional"):
+        out["patching"][variant] = {d: patching_table(handles[variant], d, n_patch, seed) for d in
+                                    tqdm(ENTITY_DESIDERATA, desc=f"patching {variant}")}
+        out["dcm"][variant] = {d: dcm_selection(handles[variant], d, seed=seed) for d in
+                               tqdm(ENTITY_DESIDERATA, desc=f"DCM {variant}")}
     return out
 
 
 def markdown(results: dict) -> str:
     """The measured tables as markdown."""
+    counts = list(results["accuracy"]["strong"])
     lines = ["Accuracy on random prompts (argmax == answer):", "",
-             "| model | " + " | ".join(f"{k} boxes" for k in results["accuracy"]["strong"]) + " |",
-             "|---|" + "---|" * len(results["accuracy"]["strong"])]
+             "| model | " + " | ".join(f"{k} boxes" for k in counts) + " |", "|---|" + "---|" * len(counts)]
     for name, accs in results["accuracy"].items():
         lines.append(f"| planted:{name} | " + " | ".join(f"{a:.3f}" for a in accs.values()) + " |")
+    columns = list(next(iter(results["cmap"].values())))
     lines += ["", "Cross-model patching (same input to both; one head's output at the last token from strong):", "",
-              "| boxes | " + " | ".join(next(iter(results["cmap"].values()))) + " |",
-              "|---|" + "---|" * len(next(iter(results["cmap"].values())))]
+              "| boxes | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for k, row in results["cmap"].items():
         lines.append(f"| {k} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
-    lines += ["", "Single-head activation patching on planted:strong: fraction of triples whose output becomes the "
-              "desideratum's target (only entries >= 0.05 shown; every other head or MLP x position is below):", "",
-              "| desideratum | position | head | moved to target |", "|---|---|---|---|"]
-    for desideratum, table in results["patching"].items():
-        shown = False
-        for position, heads in table.items():
-            for head, value in heads.items():
-                if value >= 0.05:
-                    lines.append(f"| {desideratum} | {position} | {head} | {value:.3f} |")
-                    shown = True
-        if not shown:
-            top = max((v, h, p) for p, heads in table.items() for h, v in heads.items())
-            lines.append(f"| {desideratum} | (none; largest {top[2]} {top[1]}) | - | {top[0]:.3f} |")
+    lines += ["", "Single-component activation patching (lib.patching; every head and MLP at last, query_label, "
+              "prev_query_label): fraction of triples whose output becomes the desideratum's target. Entries "
+              ">= 0.05 are shown; every other component x position is below.", "",
+              "| model | desideratum | position | component | moved to target |", "|---|---|---|---|---|"]
+    for variant, tables in results["patching"].items():
+        for desideratum, table in tables.items():
+            shown = [(p, c, v) for p, comps in table.items() for c, v in comps.items() if v >= 0.05]
+            for position, comp, value in shown:
+                lines.append(f"| {variant} | {desideratum} | {position} | {comp} | {value:.3f} |")
+            if not shown:
+                top = max((v, c, p) for p, comps in table.items() for c, v in comps.items())
+                lines.append(f"| {variant} | {desideratum} | none (largest: {top[1]} at {top[2]}) | - | "
+                             f"{top[0]:.3f} |")
+    config = next(iter(next(iter(results["dcm"].values())).values()))["config"]
+    lines += ["", f"DCM (lib.mask_intervention, {config}) over every head and MLP at the last token:", "",
+              "| model | desideratum | patched | val accuracy of that mask |", "|---|---|---|---|"]
+    for variant, rows in results["dcm"].items():
+        for desideratum, row in rows.items():
+            lines.append(f"| {variant} | {desideratum} | {', '.join(row['patched']) or '(none)'} | "
+                         f"{row['val_accuracy']:.3f} |")
     return "\n".join(lines)
 
 
@@ -142,7 +169,7 @@ def main() -> None:
     parser.add_argument("--n-patch", type=int, default=150, help="triples per desideratum for the patching table")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.WARNING)
     print(markdown(measure(args.n, args.n_patch, args.seed)))  # noqa: T201 (the command's output)
 
 
