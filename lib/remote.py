@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -133,17 +132,16 @@ class ProjectRemoteBackend(RemoteBackend):
                 if not isinstance(error, NDIFUnreachable) or self._accepted:
                     raise error from err
                 last = err
-            except (OSError, socket.timeout) as err:  # refused, reset, DNS, timeout: websocket-client raises these
+            except Exception as err:
+                # websocket-client raises OSErrors (refused, reset, DNS, timeout) and its own exceptions
+                # (handshake refused, connection closed); anything else is not a connection problem.
+                if not (isinstance(err, OSError) or type(err).__module__.startswith("websocket")):
+                    raise
                 if self._accepted:
                     raise NDIFUnreachable(
-                        f"lost the connection to NDIF at {self.host} while the job ran ({err}); "
+                        f"lost the connection to NDIF at {self.host} while the job ran ({err!r}); "
                         "the server may have restarted: run it again") from err
                 last = err
-            except Exception as err:
-                if type(err).__module__.startswith("websocket") and not self._accepted:
-                    last = err  # handshake refused (e.g. 502/503 from a proxy while the API restarts)
-                else:
-                    raise
             if attempt < self.retries:
                 delay = self.backoff_s * 2**attempt
                 log.warning("NDIF at %s not reachable (%s); retry %d/%d in %.0f s",

@@ -254,15 +254,6 @@ def test_mean_ablation_remote_equals_local(local, remote):
     assert (ablated_r - clean_logits(local, ob)).abs().max() > 1e-3
 
 
-# nnsight ships functions used inside a session by their source, which loses two Python features; the change
-# each needs in the shipped code (checked against this server), keyed by the server's error message.
-KNOWN_SERIALIZATION_LIMITS = {
-    "super(): __class__ cell not found": "Mask.__init__ must call torch.nn.Module.__init__(self), not super().__init__()",
-    "leaf Variable that requires grad is being used in an in-place operation":
-        "Mask.project / Mask.binary must use `with torch.no_grad():` in the body, not the @torch.no_grad() decorator",
-}
-
-
 def test_dcm_in_one_remote_session_equals_local(local, remote):
     """train_mask runs its whole optimisation in one handle.session(): one NDIF request for all the steps."""
     from lib.data_gen import Triple
@@ -273,13 +264,7 @@ def test_dcm_in_one_remote_session_equals_local(local, remote):
     train, val = {"object": triples[:16]}, {"object": triples[16:]}
     config = DCMConfig(lam=0.01, loss="logit_diff", lr=0.1, epochs=2, batch_size=8, init="half", prune=False)
     result_l = train_mask(local, train, val, _sites(), config, progress=False)
-    try:
-        result_r = train_mask(remote, train, val, _sites(), config, progress=False)
-    except RemoteError as err:
-        for marker, change in KNOWN_SERIALIZATION_LIMITS.items():
-            if marker in str(err):
-                pytest.xfail(f"lib/mask_intervention.py cannot run remotely yet: {change} (server: {marker})")
-        raise
+    result_r = train_mask(remote, train, val, _sites(), config, progress=False)
     losses_l = [h["loss"]["object"] for h in result_l.history]
     losses_r = [h["loss"]["object"] for h in result_r.history]
     assert len(losses_r) == 4  # 2 epochs x 2 batches
@@ -288,3 +273,19 @@ def test_dcm_in_one_remote_session_equals_local(local, remote):
     assert result_r.mask == result_l.mask
     assert result_r.val_accuracy == pytest.approx(result_l.val_accuracy)
     assert max(abs(w - 1) for w in result_r.weights) > 1e-3  # the steps moved the mask on the server
+
+
+def test_builtin_toy_models_remote_equal_local(server):
+    """`make ndif-up` deploys the toy models saved in lib/toy_models; `toy:<name>` loads them remotely."""
+    toys = sorted(name.removeprefix("toy-") for name in server["models"] if name.startswith("toy-"))
+    if not toys:
+        pytest.skip("no toy models under lib/toy_models when the server started")
+    for name in toys:
+        local = load_model(f"toy:{name}")
+        remote = load_model(f"toy:{name}", remote=True, backend=server["host"])
+        remote.backend.display.enabled = False
+        assert remote.backend.model_key == server["models"][f"toy-{name}"]["model_key"]
+        enc = _enc(local, PROMPTS)
+        _, logits_l = _hidden_and_logits(local, enc)
+        _, logits_r = _hidden_and_logits(remote, enc)
+        assert torch.allclose(logits_r, logits_l, atol=1e-4), name
