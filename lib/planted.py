@@ -3,8 +3,10 @@
 On a real model nobody knows which heads a circuit-discovery method *should* find. These models are built, not
 trained: every weight is set by `build` from the construction below, so the answer is known and written down
 by `ground_truth`. Prompts are the paper's format ("The apple is in Box F, ... Box F contains the" -> " apple").
+docs/PLANTED.md has the measured accuracies and tables.
 
-The circuit (3 layers x 4 heads, MLPs zero; the other heads are distractors writing to a scratch subspace):
+3 layers x 4 heads, MLPs zero; the nine heads outside the circuit are distractors writing to a scratch subspace.
+"strong" and "weak" fetch by label identity:
 
 - L0H1, object binder, at every box label: attends 4 tokens back (its segment's object, through the absolute
   position embeddings) and writes the object's identity and a "box filled" flag into the label's stream.
@@ -13,13 +15,19 @@ The circuit (3 layers x 4 heads, MLPs zero; the other heads are distractors writ
 - L2H3, value fetcher, at the last token: matches the queried label against the labels that carry the filled
   flag and copies the object bound there into the object subspace, which the unembedding reads.
 
-Variants: "strong" (sharp fetch, accuracy ~1) and "weak" (the fetcher's label match is blunted and competes with
-a fixed per-letter preference, so it sometimes fetches from the wrong box). They differ only in L2H3's query/key
-weights, so writing the strong L2H3 output into the weak model at the last token restores the strong output.
+"weak" differs only in L2H3's query/key weights: its label match is blunted and competes with a fixed per-letter
+preference, so it sometimes fetches from the wrong box; the strong L2H3 output written into it restores accuracy.
+
+"positional" fetches by position, like Llama-7B's circuit in Prakash et al. (Groups C -> B -> A), in the same slots:
+
+- L0H1, position detector, at the query label: attends to the earlier occurrence of the same label and writes
+  that token's position code (a pointer).
+- L1H2, position transmitter, at the last token: attends 2 tokens back and moves the pointer there.
+- L2H3, value fetcher, at the last token: attends to the object 4 tokens before the pointed-to label.
 
 The residual stream is built in a "logical" space of named features, embedded by an orthonormal map whose image
-has zero mean, so LayerNorm's centring does nothing and it only rescales. All reads are made
-scale-tolerant by a large constant feature that dominates the norm, and by margins of several nats.
+has zero mean, so LayerNorm's centring does nothing and it only rescales. All reads are made scale-tolerant by a
+large constant feature that dominates the norm, and by margins of several nats.
 """
 from __future__ import annotations
 
@@ -155,7 +163,7 @@ def _token_features(tokenizer, lay: Layout) -> torch.Tensor:
     return emb
 
 
-def _typical_norm(lay: Layout, extra: float = 0.0) -> float:
+def _typical_norm(extra: float = 0.0) -> float:
     """Norm of a token's logical vector: constant, identity, position code, plus `extra` squared norm."""
     return math.sqrt(CONST**2 + 2 + extra)
 
@@ -254,8 +262,8 @@ def _position_circuit(heads: dict[Component, _Head], lay: Layout, n0: float, n1:
 def _heads(variant: str, lay: Layout, d_head: int) -> dict[Component, _Head]:
     gen = torch.Generator().manual_seed(1)
     heads = {Component(layer, h): _Head(lay.size, d_head) for layer in range(N_LAYERS) for h in range(N_HEADS)}
-    n0 = _typical_norm(lay)            # layer 0 input
-    n1 = _typical_norm(lay, 2.25)      # later layers: + bound object/flag or queried label, + scratch
+    n0 = _typical_norm()               # layer 0 input
+    n1 = _typical_norm(2.25)           # later layers: + what the circuit and the distractors wrote
 
     if MECHANISM[variant] == "label":
         _label_circuit(heads, variant, lay, n0, n1)
@@ -297,7 +305,7 @@ def _embedding_matrix(lay: Layout) -> torch.Tensor:
 
 
 def build(variant: str = "strong") -> tuple[GPT2LMHeadModel, object]:
-    """The planted model for `variant` ("strong" or "weak") and its tokenizer; deterministic, no training."""
+    """The planted model for `variant` (see VARIANTS) and its tokenizer; deterministic, no training."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown planted variant {variant!r}: use one of {', '.join(VARIANTS)}")
     tokenizer = build_tokenizer()
@@ -343,7 +351,7 @@ def build(variant: str = "strong") -> tuple[GPT2LMHeadModel, object]:
         tr.ln_f.weight.fill_(ln_gain)
         unembed = torch.zeros(len(tokenizer), lay.size, dtype=torch.float64)
         for i, obj in enumerate(OBJECTS):
-            unembed[vocab[obj], lay["obj"].start + i] = LOGIT_NATS * _typical_norm(lay, 2.25)
+            unembed[vocab[obj], lay["obj"].start + i] = LOGIT_NATS * _typical_norm(2.25)
         model.lm_head.weight.copy_(f32(unembed @ e.T))
     if model.lm_head.weight.data_ptr() == tr.wte.weight.data_ptr():
         raise AssertionError("lm_head is tied to the embedding; the construction needs them separate")
