@@ -217,7 +217,7 @@ def load_remote(source: str, *, tokenizer: Any = None, backend: Any = None, **lo
 
     from lib import models
 
-    source = str(source)
+    source = name = str(source)
     key = None
     if is_model_key(source):
         key, source = source, parse_model_key(source)["repo_id"]
@@ -237,7 +237,7 @@ def load_remote(source: str, *, tokenizer: Any = None, backend: Any = None, **lo
             f"could not read the config of {source!r} to trace it remotely: it is neither a local directory "
             "nor reachable on the Hugging Face hub. Pass a local save_pretrained directory or a hub id.") from err
     key = key or key_for(lm)
-    handle = models._wrap(lm, source, remote=True, backend=make_backend(key, backend, lm=lm))
+    handle = models._wrap(lm, name, remote=True, backend=make_backend(key, backend, lm=lm))
     log.info("remote model %s via %s", key, handle.backend.host)
     return handle
 

@@ -285,6 +285,7 @@ def test_builtin_toy_models_remote_equal_local(server):
         remote = load_model(f"toy:{name}", remote=True, backend=server["host"])
         remote.backend.display.enabled = False
         assert remote.backend.model_key == server["models"][f"toy-{name}"]["model_key"]
+        assert remote.name == local.name == f"toy:{name}"
         enc = _enc(local, PROMPTS)
         _, logits_l = _hidden_and_logits(local, enc)
         _, logits_r = _hidden_and_logits(remote, enc)
