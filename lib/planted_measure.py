@@ -17,7 +17,7 @@ from lib import planted
 from lib.components import Component, all_components
 from lib.data_gen import ENTITY_DESIDERATA, EncodedBatch, encode_batch, entity_triples, random_entity_prompt
 from lib.models import ModelHandle, load_model
-from lib.patching import Site, collect, patched_logits
+from lib.patching import Site, collect, mean_ablate, mean_activations, patched_logits
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,39 @@ def cross_model_patch(
     return logits.argmax(-1)
 
 
+# Where each circuit head does its work (a site where mean-ablating it should break the model).
+CIRCUIT_SITES = {
+    "strong": [(planted.BINDER, "prev_query_label"), (planted.MOVER, "last"), (planted.FETCHER, "last")],
+    "positional": [(planted.POSITION_DETECTOR, "query_label"), (planted.POSITION_TRANSMITTER, "last"),
+                   (planted.FETCHER, "last")],
+}
+CIRCUIT_SITES["weak"] = CIRCUIT_SITES["strong"]
+TASK_POSITIONS = ("last", "query_label", "prev_query_label", "correct_object")
+
+
+def ablation_accuracies(handle: ModelHandle, variant: str, n: int = 90, seed: int = 0) -> dict[str, float]:
+    """Accuracy with lib.patching.mean_ablate (means over other random prompts): the full model, the circuit alone
+    (every distractor and MLP ablated at TASK_POSITIONS), and each planted head ablated where it works."""
+    def batch(s):
+        rng = random.Random(s)
+        return encode_batch([random_entity_prompt(rng, k) for k in (3, 5, 7) for _ in range(n // 3)],
+                            handle.tokenizer)
+
+    prompts, reference = batch(seed), batch(seed + 1)
+
+    def acc(sites):
+        logits = mean_ablate(handle, prompts, sites, mean_activations(handle, [reference], sites))
+        return float((logits.argmax(-1) == prompts.answer_ids).float().mean())
+
+    truth = planted.ground_truth(variant)
+    outside = [Component.parse(c) for c in truth["distractors"]] + all_components(handle.arch, heads=False)
+    out = {"model": float((predictions(handle, prompts) == prompts.answer_ids).float().mean()),
+           "circuit only": acc([Site(c, p) for c in outside for p in TASK_POSITIONS])}
+    for comp, position in CIRCUIT_SITES[variant]:
+        out[f"without {comp}@{position}"] = acc([Site(comp, position)])
+    return out
+
+
 def dcm_selection(handle: ModelHandle, desideratum: str, n_train: int = 48, n_val: int = 24, seed: int = 0,
                   **config) -> dict:
     """DCM over every head and MLP at the last token for one desideratum: the patched sites and val accuracy."""
@@ -106,7 +139,7 @@ def dcm_selection(handle: ModelHandle, desideratum: str, n_train: int = 48, n_va
 def measure(n: int = 500, n_patch: int = 150, seed: int = 0) -> dict:
     """Every number docs/PLANTED.md reports."""
     handles = {v: load_model(f"planted:{v}") for v in planted.VARIANTS}
-    out: dict = {"accuracy": {}, "cmap": {}, "patching": {}, "dcm": {}}
+    out: dict = {"accuracy": {}, "cmap": {}, "patching": {}, "dcm": {}, "ablation": {}}
     for name, handle in handles.items():
         out["accuracy"][name] = {k: accuracy(handle, k, n, seed + k) for k in tqdm(range(3, 8), desc=name)}
     strong, weak = handles["strong"], handles["weak"]
@@ -121,6 +154,7 @@ def measure(n: int = 500, n_patch: int = 150, seed: int = 0) -> dict:
             "weak + strong mover": hits(cross_model_patch(weak, strong, batch, planted.MOVER)),
         }
     for variant in ("strong", "positional"):
+        out["ablation"][variant] = ablation_accuracies(handles[variant], variant, n=3 * (n // 3), seed=seed)
         out["patching"][variant] = {d: patching_table(handles[variant], d, n_patch, seed) for d in
                                     tqdm(ENTITY_DESIDERATA, desc=f"patching {variant}")}
         out["dcm"][variant] = {d: dcm_selection(handles[variant], d, seed=seed) for d in
@@ -153,6 +187,12 @@ def markdown(results: dict) -> str:
                 top = max((v, c, p) for p, comps in table.items() for c, v in comps.items())
                 lines.append(f"| {variant} | {desideratum} | none (largest: {top[1]} at {top[2]}) | - | "
                              f"{top[0]:.3f} |")
+    lines += ["", f"Mean ablation (lib.patching.mean_ablate, means over other random prompts; 3, 5, 7 boxes; sites at "
+              f"{', '.join(TASK_POSITIONS)} for 'circuit only'):", "",
+              "| model | ablated | accuracy |", "|---|---|---|"]
+    for variant, row in results["ablation"].items():
+        for what, value in row.items():
+            lines.append(f"| {variant} | {what} | {value:.3f} |")
     config = next(iter(next(iter(results["dcm"].values())).values()))["config"]
     lines += ["", f"DCM (lib.mask_intervention, {config}) over every head and MLP at the last token:", "",
               "| model | desideratum | patched | val accuracy of that mask |", "|---|---|---|---|"]

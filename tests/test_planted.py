@@ -14,7 +14,8 @@ from lib.data_gen import ENTITY_DESIDERATA, encode_batch, entity_triples, random
 from lib.mask_intervention import DCMConfig, lambda_sweep, train_mask
 from lib.models import load_model
 from lib.patching import sites_at
-from lib.planted_measure import accuracy, cross_model_patch, patching_table, predictions, triple_batches
+from lib.planted_measure import (ablation_accuracies, accuracy, cross_model_patch, patching_table, predictions,
+                                 triple_batches)
 
 SOLVERS = ("strong", "positional")  # the variants that solve the task
 
@@ -193,3 +194,13 @@ def test_lambda_sweep_planted_head_is_the_last_to_leave_the_mask(handles, varian
         assert smaller <= bigger, masks
     assert [m for m in masks if m][-1] == expected, masks
     assert masks[-1] == set(), masks
+
+
+@pytest.mark.parametrize("variant", SOLVERS)
+def test_mean_ablation_circuit_is_faithful_and_each_planted_head_is_necessary(handles, variant):
+    """lib.patching.mean_ablate: ablating every distractor and MLP at the task's positions keeps the accuracy (a
+    faithful circuit, as in Prakash et al.'s evaluation); ablating one planted head where it works breaks it."""
+    accs = ablation_accuracies(handles(variant), variant, n=90, seed=40)
+    assert accs["model"] >= 0.99 and accs["circuit only"] >= 0.99, accs
+    necessary = {k: v for k, v in accs.items() if k.startswith("without")}
+    assert len(necessary) == 3 and all(v <= 0.5 for v in necessary.values()), accs
