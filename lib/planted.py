@@ -163,14 +163,15 @@ def _token_features(tokenizer, lay: Layout) -> torch.Tensor:
     return emb
 
 
-def _typical_norm(extra: float = 0.0) -> float:
-    """Norm of a token's logical vector: constant, identity, position code, plus `extra` squared norm."""
-    return math.sqrt(CONST**2 + 2 + extra)
+def _typical_norm() -> float:
+    """Norm of a token's logical vector at the embedding: constant, identity, position code (the constant
+    dominates: later writes add at most a few units to CONST**2)."""
+    return math.sqrt(CONST**2 + 2)
 
 
-def _positional(head: _Head, lay: Layout, offset: int, norm: float) -> None:
+def _positional(head: _Head, lay: Layout, offset: int) -> None:
     """Attend `offset` tokens back through the position code, POS_MARGIN nats above any other position."""
-    scale = POS_MARGIN * norm**2 / position_gap()
+    scale = POS_MARGIN / position_gap()
     head.wq[: 2 * N_FREQ, lay["pos"]] = scale * _shift(offset)
     head.wk[: 2 * N_FREQ, lay["pos"]] = torch.eye(2 * N_FREQ, dtype=torch.float64)
 
@@ -188,43 +189,43 @@ def _scratch_writer(head: _Head, lay: Layout, gen: torch.Generator, src: str = "
     head.wo[lay["scratch"], :SCRATCH] = 0.5 * torch.eye(SCRATCH, dtype=torch.float64)
 
 
-def _content(head: _Head, lay: Layout, feature: str, nats: float, norm: float) -> None:
+def _content(head: _Head, lay: Layout, feature: str, nats: float) -> None:
     """Attend to tokens that carry `feature` (any index in its slice), `nats` above the others."""
-    head.bq[0] = nats * norm
+    head.bq[0] = nats
     head.wk[0, lay[feature]] = 1
 
 
-def _label_circuit(heads: dict[Component, _Head], variant: str, lay: Layout, n0: float, n1: float) -> None:
+def _label_circuit(heads: dict[Component, _Head], variant: str, lay: Layout) -> None:
     """Binder (label <- its object), query-label mover (last <- query label), fetcher keyed on label identity."""
     eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
     b = heads[BINDER]
-    _positional(b, lay, BINDER_OFFSET, n0)
+    _positional(b, lay, BINDER_OFFSET)
     b.wv[: lay.n_obj, lay["obj"]] = eye(lay.n_obj)
     b.wv[lay.n_obj, lay["obj"]] = 1                         # flag = "an object was found"
-    b.wo[lay["obj"], : lay.n_obj] = eye(lay.n_obj) * n0     # * norm: undo LayerNorm's scaling
-    b.wo[lay["flag"], lay.n_obj] = n0
+    b.wo[lay["obj"], : lay.n_obj] = eye(lay.n_obj)
+    b.wo[lay["flag"], lay.n_obj] = 1
 
     m = heads[MOVER]
-    _positional(m, lay, MOVER_OFFSET, n1)
+    _positional(m, lay, MOVER_OFFSET)
     m.wv[: lay.n_lab, lay["lab"]] = eye(lay.n_lab)
-    m.wo[lay["qlab"], : lay.n_lab] = eye(lay.n_lab) * n1
+    m.wo[lay["qlab"], : lay.n_lab] = eye(lay.n_lab)
 
     f = heads[FETCHER]
-    f.wq[: lay.n_lab, lay["qlab"]] = FETCH_MARGIN[variant] * n1 * n1 * eye(lay.n_lab)
+    f.wq[: lay.n_lab, lay["qlab"]] = FETCH_MARGIN[variant] * eye(lay.n_lab)
     f.wk[: lay.n_lab, lay["lab"]] = eye(lay.n_lab)
-    f.bq[lay.n_lab] = FLAG_BONUS * n1
+    f.bq[lay.n_lab] = FLAG_BONUS
     f.wk[lay.n_lab, lay["flag"]] = 1
-    f.bq[lay.n_lab + 1] = LABEL_BONUS * n1
+    f.bq[lay.n_lab + 1] = LABEL_BONUS
     f.wk[lay.n_lab + 1, lay["lab"]] = 1
     if variant == "weak":
         letter_bias = torch.randn(lay.n_lab, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-        f.bq[lay.n_lab + 2] = WEAK_LETTER_BIAS * n1
+        f.bq[lay.n_lab + 2] = WEAK_LETTER_BIAS
         f.wk[lay.n_lab + 2, lay["lab"]] = letter_bias
     f.wv[: lay.n_obj, lay["obj"]] = eye(lay.n_obj)
-    f.wo[lay["obj"], : lay.n_obj] = eye(lay.n_obj) * n1
+    f.wo[lay["obj"], : lay.n_obj] = eye(lay.n_obj)
 
 
-def _position_circuit(heads: dict[Component, _Head], lay: Layout, n0: float, n1: float) -> None:
+def _position_circuit(heads: dict[Component, _Head], lay: Layout) -> None:
     """Prakash et al.'s mechanism: detector (query label <- position of its earlier occurrence), transmitter
     (last <- that pointer), fetcher (last <- the object 4 tokens before the pointed-to label)."""
     eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
@@ -235,55 +236,52 @@ def _position_circuit(heads: dict[Component, _Head], lay: Layout, n0: float, n1:
     # the earlier occurrence; the identity match outweighs the spread of the position term over other tokens.
     suppress = DETECT_MARGIN / position_gap()
     match = DETECT_MARGIN + suppress * float(1 - sims.min())
-    d.wq[: lay.n_lab, lay["lab"]] = match * n0 * n0 * eye(lay.n_lab)
+    d.wq[: lay.n_lab, lay["lab"]] = match * eye(lay.n_lab)
     d.wk[: lay.n_lab, lay["lab"]] = eye(lay.n_lab)
-    d.wq[lay.n_lab: lay.n_lab + n_pos, lay["pos"]] = -suppress * n0 * n0 * eye(n_pos)
+    d.wq[lay.n_lab: lay.n_lab + n_pos, lay["pos"]] = -suppress * eye(n_pos)
     d.wk[lay.n_lab: lay.n_lab + n_pos, lay["pos"]] = eye(n_pos)
     d.wv[:n_pos, lay["pos"]] = eye(n_pos)
-    d.wo[lay["ptr"], :n_pos] = eye(n_pos) * n0
+    d.wo[lay["ptr"], :n_pos] = eye(n_pos)
 
     t = heads[POSITION_TRANSMITTER]
-    _positional(t, lay, MOVER_OFFSET, n1)
+    _positional(t, lay, MOVER_OFFSET)
     t.wv[:n_pos, lay["ptr"]] = eye(n_pos)
-    t.wo[lay["ptr2"], :n_pos] = eye(n_pos) * n1
+    t.wo[lay["ptr2"], :n_pos] = eye(n_pos)
 
     f = heads[FETCHER]
     # Soft on purpose (like the label fetcher): the pointed-to object wins the argmax by FETCH_MARGIN nats over
     # objects in other segments, and a blended pointer still moves the attention, so DCM gets a gradient.
     scale = FETCH_MARGIN["positional"] / float(1 - sims[SEGMENT_TOKENS - 1::SEGMENT_TOKENS].max())
-    f.wq[:n_pos, lay["ptr2"]] = scale * n1 * n1 * _shift(BINDER_OFFSET)  # pointer to the label -> its object
+    f.wq[:n_pos, lay["ptr2"]] = scale * _shift(BINDER_OFFSET)  # pointer to the label -> its object
     f.wk[:n_pos, lay["pos"]] = eye(n_pos)
-    f.bq[n_pos] = OBJECT_BONUS * n1
+    f.bq[n_pos] = OBJECT_BONUS
     f.wk[n_pos, lay["obj"]] = 1
     f.wv[: lay.n_obj, lay["obj"]] = eye(lay.n_obj)
-    f.wo[lay["obj"], : lay.n_obj] = eye(lay.n_obj) * n1
+    f.wo[lay["obj"], : lay.n_obj] = eye(lay.n_obj)
 
 
 def _heads(variant: str, lay: Layout, d_head: int) -> dict[Component, _Head]:
     gen = torch.Generator().manual_seed(1)
     heads = {Component(layer, h): _Head(lay.size, d_head) for layer in range(N_LAYERS) for h in range(N_HEADS)}
-    n0 = _typical_norm()               # layer 0 input
-    n1 = _typical_norm(2.25)           # later layers: + what the circuit and the distractors wrote
-
     if MECHANISM[variant] == "label":
-        _label_circuit(heads, variant, lay, n0, n1)
+        _label_circuit(heads, variant, lay)
     else:
-        _position_circuit(heads, lay, n0, n1)
+        _position_circuit(heads, lay)
 
     # Distractors: real attention patterns, outputs only in the scratch subspace.
-    _positional(heads[Component(0, 0)], lay, 1, n0)          # previous token
+    _positional(heads[Component(0, 0)], lay, 1)              # previous token
     _scratch_writer(heads[Component(0, 0)], lay, gen)
     _scratch_writer(heads[Component(0, 2)], lay, gen)        # uniform attention
-    _content(heads[Component(0, 3)], lay, "lab", 6.0, n0)    # attends to labels
+    _content(heads[Component(0, 3)], lay, "lab", 6.0)        # attends to labels
     _scratch_writer(heads[Component(0, 3)], lay, gen)
-    _positional(heads[Component(1, 0)], lay, 1, n1)
+    _positional(heads[Component(1, 0)], lay, 1)
     _scratch_writer(heads[Component(1, 0)], lay, gen, src="scratch")
-    _content(heads[Component(1, 1)], lay, "obj", 6.0, n1)    # attends to objects
+    _content(heads[Component(1, 1)], lay, "obj", 6.0)        # attends to objects
     _scratch_writer(heads[Component(1, 1)], lay, gen)
     _scratch_writer(heads[Component(1, 3)], lay, gen)
-    _positional(heads[Component(2, 0)], lay, 3, n1)
+    _positional(heads[Component(2, 0)], lay, 3)
     _scratch_writer(heads[Component(2, 0)], lay, gen)
-    _content(heads[Component(2, 1)], lay, "obj", 6.0, n1)
+    _content(heads[Component(2, 1)], lay, "obj", 6.0)
     _scratch_writer(heads[Component(2, 1)], lay, gen)
     _scratch_writer(heads[Component(2, 2)], lay, gen, src="scratch")
     return heads
@@ -323,7 +321,9 @@ def build(variant: str = "strong") -> tuple[GPT2LMHeadModel, object]:
     )
     model = GPT2LMHeadModel(config)
     e = _embedding_matrix(lay)
-    ln_gain = D_MODEL**-0.5  # LayerNorm(E x) = E x / |x|: reads see unit-norm logical vectors
+    # LayerNorm(E x) = E x * typical / |x| ~ E x: reads see the logical vector at its own scale, so weights are
+    # in nats and stay small (float16-safe).
+    ln_gain = _typical_norm() / D_MODEL**0.5
 
     def f32(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float32)
@@ -351,7 +351,7 @@ def build(variant: str = "strong") -> tuple[GPT2LMHeadModel, object]:
         tr.ln_f.weight.fill_(ln_gain)
         unembed = torch.zeros(len(tokenizer), lay.size, dtype=torch.float64)
         for i, obj in enumerate(OBJECTS):
-            unembed[vocab[obj], lay["obj"].start + i] = LOGIT_NATS * _typical_norm(2.25)
+            unembed[vocab[obj], lay["obj"].start + i] = LOGIT_NATS
         model.lm_head.weight.copy_(f32(unembed @ e.T))
     if model.lm_head.weight.data_ptr() == tr.wte.weight.data_ptr():
         raise AssertionError("lm_head is tied to the embedding; the construction needs them separate")

@@ -127,6 +127,20 @@ def test_layernorm_only_rescales_and_the_heads_attend_where_documented(variant):
             assert weight.min() > 0.95, (comp, q, k, weight.min())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_keeps_the_answers(dtype):
+    """Weights are in nats (LayerNorm's gain carries the norm), so nothing overflows float16."""
+    prompts = [p for n_boxes in (3, 7) for p in _prompts(n_boxes, 50, 7 + n_boxes)]
+    for variant in SOLVERS:
+        model, tok = planted.build(variant)
+        assert max(float(p.abs().max()) for p in model.parameters()) < 1000
+        batch = encode_batch(prompts, tok)
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model.to(dtype)(**batch.inputs(), position_ids=position_ids).logits[:, -1]
+        assert (logits.argmax(-1) == batch.answer_ids).float().mean() >= 0.99, variant
+
+
 @pytest.mark.parametrize("variant", SOLVERS)
 @pytest.mark.parametrize("desideratum", ENTITY_DESIDERATA)
 def test_activation_patching_reproduces_the_ground_truth_table(handles, variant, desideratum):
