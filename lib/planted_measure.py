@@ -1,4 +1,5 @@
-"""Measure the planted models: accuracy, the per-head activation-patching table, cross-model patching.
+"""Measure the planted models: accuracy, cross-model patching, the single-component patching table, mean
+ablation and DCM, each with the project's own methods.
 
 These numbers are measured, never stored: docs/PLANTED.md is written from `python -m lib.planted_measure`, and
 tests/test_planted.py checks them against `lib.planted.ground_truth`.
@@ -6,6 +7,7 @@ tests/test_planted.py checks them against `lib.planted.ground_truth`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 
@@ -18,8 +20,6 @@ from lib.components import Component, all_components
 from lib.data_gen import ENTITY_DESIDERATA, EncodedBatch, encode_batch, entity_triples, random_entity_prompt
 from lib.models import ModelHandle, load_model
 from lib.patching import Site, collect, mean_ablate, mean_activations, patched_logits
-
-log = logging.getLogger(__name__)
 
 POSITIONS = ("last", "query_label", "prev_query_label")
 
@@ -208,9 +208,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500, help="prompts per box count for accuracy / CMAP")
     parser.add_argument("--n-patch", type=int, default=150, help="triples per desideratum for the patching table")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write every number to this JSON file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    print(markdown(measure(args.n, args.n_patch, args.seed)))  # noqa: T201 (the command's output)
+    results = measure(args.n, args.n_patch, args.seed)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": vars(args), **results}, f, indent=1)
+    print(markdown(results))  # noqa: T201 (the command's output)
 
 
 if __name__ == "__main__":
