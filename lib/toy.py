@@ -94,16 +94,12 @@ def entity_tasks(n_boxes: int, n: int = N_EVAL, seed: int = EVAL_SEED) -> list:
     return [random_entity_prompt(rng, n_boxes) for _ in range(n)]
 
 
-def varbind_tasks(ops: str, n: int = N_EVAL, seed: int = EVAL_SEED, n_vars: int = 3) -> list:
-    """Held-out variable-binding prompts ("x=12, y=40, z=7. y-x=") with operations drawn from `ops`."""
-    from lib.toy_train import random_expression, random_values
+def varbind_tasks(ops: str, n: int = N_EVAL, seed: int = EVAL_SEED) -> list:
+    """Held-out programs as the workflow makes them ("x=12, y=40, z=73. y-x="), operations drawn from `ops`."""
+    from lib.data_gen_vb import random_value_program
 
     rng = random.Random(seed + sum(map(ord, ops)))
-    prompts = []
-    for _ in range(n):
-        values = random_values(rng, n_vars)
-        prompts.append(variable_binding_prompt(values, *random_expression(rng, values, ops)))
-    return prompts
+    return [random_value_program(rng, rng.choice(ops)) for _ in range(n)]
 
 
 def accuracy(handle, prompts: list, batch_size: int = 250) -> float:
@@ -122,6 +118,28 @@ def evaluate(handle, name: str, n: int = N_EVAL, seed: int = EVAL_SEED) -> dict[
     if name.startswith("entity"):
         return {str(b): accuracy(handle, entity_tasks(b, n, seed)) for b in BOX_COUNTS}
     return {ops: accuracy(handle, varbind_tasks(ops, n, seed)) for ops in ("+", "-", "+-", "*")}
+
+
+def majority_baseline(prompts: list) -> float:
+    """Accuracy of always answering the most common answer (the first digit "1" is common: sums >= 100)."""
+    answers = [p.answer for p in prompts]
+    return max(answers.count(a) for a in set(answers)) / len(answers)
+
+
+def varbind_table1(handle, n: int = N_EVAL, seed: int = EVAL_SEED) -> dict[str, float]:
+    """The original model's row of Davies et al.'s Table 1 on lib.data_gen_vb's desiderata (targets balanced
+    over the digits 1-9): the share of triples where the unpatched model already outputs the target (for VD the
+    alternate's answer, so low is right; for OI the original's answer, so it is the model's accuracy)."""
+    from lib.data_gen_vb import VB_DESIDERATA, vb_triples
+
+    row = {}
+    for desideratum in VB_DESIDERATA:
+        triples = vb_triples(desideratum, n, seed=seed)
+        batch = encode_batch([t.original for t in triples], handle.tokenizer, answers=[t.target for t in triples])
+        with torch.no_grad(), handle.trace(batch.inputs()):
+            logits = handle.arch.unembed(handle.model).output.save()
+        row[desideratum] = float((logits[:, -1].argmax(-1) == batch.answer_ids).float().mean())
+    return row
 
 
 # ---------------------------------------------------------------- command line
@@ -145,6 +163,9 @@ def _save(name: str, model, tok, info: dict, command: str) -> dict:
                          ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")},
         "training": info,
     }
+    if name == "varbind":
+        entry["table1_original_model"] = varbind_table1(handle)
+        entry["majority_baseline"] = {ops: majority_baseline(varbind_tasks(ops)) for ops in entry["accuracy"]}
     manifest = read_manifest() if MANIFEST.exists() else {}
     manifest[name] = entry
     MANIFEST.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -165,12 +186,30 @@ def main(argv: list[str] | None = None) -> None:
     evaluate_p.add_argument("names", nargs="+", choices=NAMES)
     evaluate_p.add_argument("--n", type=int, default=N_EVAL, help="held-out tasks per box count / operation")
     evaluate_p.add_argument("--seed", type=int, default=EVAL_SEED + 1, help="seed of the held-out tasks")
+    attention = sub.add_parser("attention", help="print where each head attends (markdown, docs/TOY_MODELS.md)")
+    attention.add_argument("names", nargs="+", choices=NAMES)
+    attention.add_argument("--boxes", type=int, default=7, help="box count of the entity prompts (default 7)")
+    attention.add_argument("--n", type=int, default=200, help="held-out prompts to average over")
+    attention.add_argument("--threshold", type=float, default=0.15, help="list keys with at least this weight")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # A fixed thread count makes training bitwise reproducible; one thread is also the fastest on a shared
     # 2-core machine (two threads ran 10x slower there under load). Regenerate with the same count.
     torch.set_num_threads(TRAIN_THREADS)
 
+    if args.cmd == "attention":
+        from lib import toy_attention
+        from lib.models import load_model
+
+        for name in args.names:
+            handle = load_model(f"toy:{name}")
+            if name == "varbind":
+                table = toy_attention.varbind_table(handle, varbind_tasks("+-", args.n, EVAL_SEED + 2))
+            else:
+                table = toy_attention.entity_table(handle, entity_tasks(args.boxes, args.n, EVAL_SEED + 2))
+            print(f"## {name}\n")
+            print(toy_attention.format_table(table, handle.arch.n_layers, handle.arch.n_heads, args.threshold))
+        return
     if args.cmd == "eval":
         from lib.models import load_model
 

@@ -15,9 +15,10 @@ def attention_weights(handle, prompts: list) -> tuple[list[torch.Tensor], object
     """Per layer (batch, heads, query, key) attention weights on the left-padded batch, and the batch."""
     handle.lm._module.set_attn_implementation("eager")
     batch = encode_batch(prompts, handle.tokenizer)
+    weights = []
     with torch.no_grad(), handle.trace(batch.inputs()):
-        weights = [handle.arch.layer(handle.model, layer).self_attn.output[1].save()
-                   for layer in range(handle.arch.n_layers)]
+        for layer in range(handle.arch.n_layers):
+            weights.append(handle.arch.layer(handle.model, layer).self_attn.output[1].save())
     return [w.float() for w in weights], batch
 
 
@@ -85,6 +86,6 @@ def format_table(table: dict, n_layers: int, n_heads: int, threshold: float = 0.
             for head in range(n_heads):
                 hits = sorted(((v[layer][head], k) for k, v in cols.items() if v[layer][head] >= threshold),
                               reverse=True)
-                text = ", ".join(f"{k} {v:.2f}" for v, k in hits) or "spread out (no named key >= %.1f)" % threshold
+                text = ", ".join(f"{k} {v:.2f}" for v, k in hits) or "spread out (no named key >= %.2f)" % threshold
                 lines.append(f"| {qname} | L{layer}H{head} | {text} |")
     return "\n".join(lines)

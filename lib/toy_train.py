@@ -200,11 +200,11 @@ def train_entity(tokenizer, cfg: TrainConfig, model: LlamaForCausalLM | None = N
 
 
 # ---------------------------------------------------------------- variable binding
-VAR_NAMES = tuple("abcdefghijklmnopqrstuvwxyz")
+VAR_NAMES = ("x", "y", "z")  # the names lib.data_gen_vb uses; training shuffles their order and drops some
 
 
-def random_values(rng: random.Random, n_vars: int) -> dict[str, int]:
-    names = rng.sample(VAR_NAMES, n_vars)
+def random_values(rng: random.Random, n_vars: int, shuffle: bool = True) -> dict[str, int]:
+    names = rng.sample(VAR_NAMES, n_vars) if shuffle else VAR_NAMES[:n_vars]
     return {name: rng.randint(10, 99) for name in names}
 
 
@@ -229,23 +229,30 @@ class VarbindConfig:
     lr: float = 2e-3
     warmup: int = 200
     min_vars: int = 2
-    max_vars: int = 4
+    max_vars: int = 3
     n_queries: int = 4              # queries per sequence, each answered with its full result
     retrieval: float = 0.3          # share of queries that just ask a value back ("y=" -> "40")
     ops: str = "+-"                 # multiplication is never trained (the paper's transfer test)
+    shuffle_names: float = 0.5     # share of programs whose names are not in the order x, y, z
+    binding_first: bool = True      # stage 0: only value retrieval, until first-query accuracy >= advance_acc
+    advance_acc: float = 0.9
     max_steps: int = 3000
     eval_every: int = 100
     eval_n: int = 300
     stop_acc: float = 0.9
 
 
-def _varbind_text(rng: random.Random, cfg: VarbindConfig) -> str:
-    """lib.data_gen's prompt with its full answer, then more queries (expressions or plain values)."""
-    values = random_values(rng, rng.randint(cfg.min_vars, cfg.max_vars))
+def _varbind_text(rng: random.Random, cfg: VarbindConfig, stage: int) -> str:
+    """lib.data_gen's prompt with its full answer, then more queries (expressions or plain values); in stage 0
+    (binding only) every query just asks a value back."""
+    values = random_values(rng, rng.randint(cfg.min_vars, cfg.max_vars), rng.random() < cfg.shuffle_names)
     prompt = variable_binding_prompt(values, *random_expression(rng, values, cfg.ops))
     text = prompt.text + prompt.meta["full_answer"]
+    if stage == 0:
+        name = rng.choice(list(values))
+        text = prompt.text[:prompt.spans["left"][0]] + f"{name}={values[name]}"
     for _ in range(cfg.n_queries - 1):
-        if rng.random() < cfg.retrieval:
+        if stage == 0 or rng.random() < cfg.retrieval:
             name = rng.choice(list(values))
             text += f". {name}={values[name]}"
         else:
@@ -254,9 +261,9 @@ def _varbind_text(rng: random.Random, cfg: VarbindConfig) -> str:
     return text
 
 
-def varbind_batch(tokenizer, rng: random.Random, cfg: VarbindConfig):
+def varbind_batch(tokenizer, rng: random.Random, cfg: VarbindConfig, stage: int = 1):
     """Right-padded ids and a mask of the answer digits (every digit after the first '.')."""
-    rows = tokenizer([_varbind_text(rng, cfg) for _ in range(cfg.batch_size)], add_special_tokens=False)["input_ids"]
+    rows = tokenizer([_varbind_text(rng, cfg, stage) for _ in range(cfg.batch_size)], add_special_tokens=False)["input_ids"]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     for i, row in enumerate(rows):
@@ -269,8 +276,8 @@ def varbind_batch(tokenizer, rng: random.Random, cfg: VarbindConfig):
     return ids, mask, first
 
 
-def train_varbind(tokenizer, cfg: VarbindConfig, eval_prompts: list | None = None,
-                  progress: bool = True) -> tuple[LlamaForCausalLM, dict]:
+def train_varbind(tokenizer, cfg: VarbindConfig, eval_prompts: list | None = None, progress: bool = True,
+                  checkpoint=None) -> tuple[LlamaForCausalLM, dict]:
     """Train the variable-binding model on + and - with full answers; stop at held-out first-digit accuracy."""
     from tqdm import tqdm
 
@@ -279,11 +286,13 @@ def train_varbind(tokenizer, cfg: VarbindConfig, eval_prompts: list | None = Non
     model = new_model(len(tokenizer), cfg.d_model, cfg.n_layers, cfg.n_heads, tokenizer).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     info = {"evals": []}
+    stage = 0 if cfg.binding_first else 1
+    window: deque = deque(maxlen=20)
     bar = tqdm(range(cfg.max_steps), desc="varbind", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _schedule(step, cfg.warmup)
-        ids, mask, first = varbind_batch(tokenizer, rng, cfg)
+        ids, mask, first = varbind_batch(tokenizer, rng, cfg, stage)
         logits = model(input_ids=ids).logits[:, :-1]
         target, m = ids[:, 1:], mask[:, 1:]
         loss = F.cross_entropy(logits[m], target[m])
@@ -292,11 +301,17 @@ def train_varbind(tokenizer, cfg: VarbindConfig, eval_prompts: list | None = Non
         opt.step()
         rows = torch.arange(len(ids))
         acc = (logits[rows, first - 1].argmax(-1) == ids[rows, first]).float().mean().item()
-        bar.set_postfix(loss=f"{loss.item():.3f}", first_digit=f"{acc:.2f}")
-        if eval_prompts and (step + 1) % cfg.eval_every == 0:
+        bar.set_postfix(loss=f"{loss.item():.3f}", first_digit=f"{acc:.2f}", stage=stage)
+        window.append(acc)
+        if stage == 0 and len(window) == window.maxlen and sum(window) / len(window) >= cfg.advance_acc:
+            stage, info["binding_steps"] = 1, step + 1
+            log.info("step %d: values are retrieved; expressions start", step + 1)
+        if eval_prompts and stage and (step + 1) % cfg.eval_every == 0:
             held_out = quick_accuracy_padded(model, tokenizer, eval_prompts)
             info["evals"].append({"step": step + 1, "accuracy": held_out})
             log.info("step %d: held-out first-digit accuracy %.3f (train batch %.2f)", step + 1, held_out, acc)
+            if checkpoint is not None:  # called with (step, model, info) at each evaluation
+                checkpoint(step + 1, model, info)
             if held_out >= cfg.stop_acc:
                 break
     info["steps"] = step + 1
