@@ -20,6 +20,16 @@ from lib.planted_measure import (ablation_accuracies, accuracy, cross_model_patc
 SOLVERS = ("strong", "positional")  # the variants that solve the task
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The planted models are tiny: one intra-op thread is several times faster than two on a busy 2-core box
+    (measured: 77 s vs 250 s for this file); restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def handles():
     """One ModelHandle per variant, loaded on first use."""
