@@ -160,9 +160,11 @@ class Mask(torch.nn.Module):
 class DCMResult:
     sites: list[Site]
     weights: list[float]              # final continuous weights (1 = not patched)
-    mask: list[int]                   # final binary mask after selection and pruning
-    patched: list[str]                # names of the patched sites
+    mask: list[int]                   # selected binary mask: best on validation, then pruned
+    patched: list[str]                # names of the patched sites of `mask`
     val_accuracy: dict[str, float]
+    final_patched: list[str] = field(default_factory=list)   # the last step's rounded weights (w < 0.5)
+    final_val_accuracy: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)   # per step: losses; per validation: accuracies
     pruned: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
@@ -281,7 +283,9 @@ def _optimise(
                 fewer = (current == 0).sum() < (best_mask == 0).sum()
                 if not best_acc or _mean(acc) > _mean(best_acc) or (_mean(acc) == _mean(best_acc) and fewer):
                     best_mask, best_acc = current, acc
-    return {"weights": mask().detach(), "best_mask": best_mask, "best_acc": best_acc, "history": history}
+    final_acc = history[-1].get("val_accuracy", {}) if history else {}
+    return {"weights": mask().detach(), "best_mask": best_mask, "best_acc": best_acc, "history": history,
+            "final_mask": mask.binary(), "final_acc": final_acc}
 
 
 def train_mask(
@@ -318,6 +322,8 @@ def train_mask(
         patched=[str(s) for s, m in zip(sites, best_mask) if m == 0],
         val_accuracy=best_acc,
         history=history,
+        final_patched=[str(s) for s, m in zip(sites, outcome["final_mask"]) if m == 0],
+        final_val_accuracy=outcome["final_acc"],
         pruned=pruned,
         config=asdict(config),
     )
@@ -344,12 +350,18 @@ def lambda_sweep(
     config: DCMConfig | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Mask size against accuracy for each lambda (their Appendix A)."""
+    """Mask size against accuracy for each lambda (their Appendix A).
+
+    Each row reports the mask training ended with (`final_patched`: what lambda produced) and the mask selected on
+    validation (`selected_patched`), which can come from early steps before the penalty took effect.
+    """
     config = config or DCMConfig()
     rows = []
     for lam in tqdm(lambdas, desc="lambda sweep", disable=not progress):
         result = train_mask(handle, train, val, sites, DCMConfig(**{**asdict(config), "lam": lam}), progress=False)
-        rows.append({"lambda": lam, "n_patched": len(result.patched), "patched": result.patched,
-                     "val_accuracy": result.val_accuracy, "weights": result.weights})
-        log.info("lambda=%g: %d patched, accuracy %s", lam, len(result.patched), result.val_accuracy)
+        rows.append({"lambda": lam, "n_patched": len(result.final_patched), "patched": result.final_patched,
+                     "val_accuracy": result.final_val_accuracy, "selected_patched": result.patched,
+                     "selected_val_accuracy": result.val_accuracy, "weights": result.weights})
+        log.info("lambda=%g: %d patched at the end, accuracy %s", lam, len(result.final_patched),
+                 result.final_val_accuracy)
     return rows

@@ -146,6 +146,8 @@ def test_dcm_recovers_the_constructed_set(setup):
     assert result.val_accuracy["made"] >= 0.8
     assert evaluate_mask(handle, val, sites, result.patched)["made"] == pytest.approx(result.val_accuracy["made"])
     assert len(result.history) == 8 * 2 and all("loss" in h for h in result.history)
+    assert result.final_patched == [str(s) for s, w in zip(sites, result.weights) if w < 0.5]
+    assert result.final_val_accuracy == result.history[-1]["val_accuracy"]
 
 
 def test_lambda_sweep_gives_smaller_masks_for_larger_lambda(setup):
@@ -155,6 +157,7 @@ def test_lambda_sweep_gives_smaller_masks_for_larger_lambda(setup):
     config = DCMConfig(loss="logit_diff", lr=0.1, epochs=10, batch_size=32, prune=False)
     rows = lambda_sweep(handle, train, val, sites, [0.0, 0.003, 0.1], config, progress=False)
     sizes = [r["n_patched"] for r in rows]
+    assert all(len(r["patched"]) == sum(w < 0.5 for w in r["weights"]) for r in rows)  # the mask lambda produced
     assert sizes[0] >= sizes[1] >= sizes[2] and sizes[0] > sizes[2], sizes
 
 
