@@ -102,17 +102,13 @@ class ProjectRemoteBackend(RemoteBackend):
         self.backoff_s = backoff_s
 
     def __getstate__(self) -> dict:
-        # A handle (and so its backend) can be captured in a session's frame and shipped to the server;
-        # the status display holds a terminal and is rebuilt there as a silent one.
+        # A handle (and so its backend) sits in the frame of every trace and is shipped with it: the API key
+        # stays here (it travels only as the request header), and so does the status display (a terminal).
+        # No __setstate__: it would run on the server, rebuilt from source, where its imports fail.
         state = dict(self.__dict__)
-        state.pop("display", None)
+        state["display"] = None
+        state["api_key"] = ""
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        from nnsight.intervention.backends.display import StatusDisplay
-
-        self.__dict__.update(state)
-        self.display = StatusDisplay(enabled=False, verbose=False)
 
     def send(self, request, blob):
         response = self._post(request, blob)

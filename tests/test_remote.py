@@ -199,6 +199,16 @@ def test_in_memory_model_cannot_be_remote(local):
         load_model(local.lm._module, tokenizer=local.tokenizer, remote=True)
 
 
+def test_backend_shipped_with_a_trace_leaves_the_api_key_behind(model_dir):
+    """A trace's frame holds the handle, so its backend is pickled into the request: no key in it."""
+    import cloudpickle
+
+    backend = ProjectRemoteBackend(model_key(model_dir), host="http://127.0.0.1:9", api_key="secret-key")
+    shipped = cloudpickle.loads(cloudpickle.dumps(backend))
+    assert backend.api_key == "secret-key" and shipped.api_key == ""
+    assert shipped.model_key == backend.model_key and shipped.display is None
+
+
 def test_host_resolution_order(monkeypatch):
     monkeypatch.setenv("NDIF_HOST", "http://127.0.0.1:9")
     assert resolve_host() == "http://127.0.0.1:9"
