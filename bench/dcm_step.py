@@ -44,7 +44,8 @@ class Setup:
     plain: torch.nn.Module         # an unwrapped copy with the same weights
     sites: list[Site]
     batch: PreparedBatch
-    plain_values: dict[Site, torch.Tensor]
+    plain_layers: dict            # _per_layer(): the hooked modules and column owners, built once like blend_plan
+    plain_values: dict[tuple[str, int], torch.Tensor]
     config: DCMConfig
     description: dict
 
@@ -60,7 +61,8 @@ def build(batch_size: int = 16, n_boxes: int = 7, n_layers: int = 12, n_heads: i
     triples = entity_triples("object", batch_size, n_boxes=n_boxes, seed=seed, tokenizer=tok)
     pb = prepare_batches(handle, triples, sites, batch_size)[0]
     alternate = encode_batch([t.alternate for t in triples], tok)
-    plain_values = _capture(plain, handle, alternate, sites)
+    plain_layers = _per_layer(plain, handle, sites)
+    plain_values = _capture(plain, plain_layers, alternate, sites)
     n_params = sum(p.numel() for p in plain.parameters())
     description = {
         "model": f"random llama, {n_layers} layers, {n_heads} heads, d_model {d_model}, vocab {len(tok)} "
@@ -69,7 +71,7 @@ def build(batch_size: int = 16, n_boxes: int = 7, n_layers: int = 12, n_heads: i
                  f"{pb.original.input_ids.shape[1]} tokens",
         "sites": f"{len(sites)} (every head and MLP at the last position)",
     }
-    return Setup(handle, plain, sites, pb, plain_values, DCMConfig(), description)
+    return Setup(handle, plain, sites, pb, plain_layers, plain_values, DCMConfig(), description)
 
 
 # ---- the plain-hook implementation ----------------------------------------------------------------------------
@@ -99,11 +101,11 @@ def _positions(batch, sites: list[Site]) -> torch.Tensor:
     return batch.positions[names.pop()]
 
 
-def _capture(plain, handle, batch, sites) -> dict[tuple[str, int], torch.Tensor]:
+def _capture(plain, layers: dict, batch, sites) -> dict[tuple[str, int], torch.Tensor]:
     """Rows (batch, width) of the heads' o_proj input and the MLP output at the sites' position, no gradient."""
     rows, pos = torch.arange(batch.input_ids.shape[0]), _positions(batch, sites)
     captured, hooks = {}, []
-    for layer, (o_proj, mlp, cols, mlp_i) in _per_layer(plain, handle, sites).items():
+    for layer, (o_proj, mlp, cols, mlp_i) in layers.items():
         if cols is not None:
             hooks.append(o_proj.register_forward_pre_hook(
                 lambda m, args, layer=layer: captured.__setitem__(("head", layer), args[0][rows, pos].clone())))
@@ -124,8 +126,8 @@ def _forward(plain, batch) -> torch.Tensor:
     return plain(**batch.inputs(), position_ids=position_ids).logits[:, -1]
 
 
-def plain_logits(plain, handle, batch, sites, values, weights: torch.Tensor) -> torch.Tensor:
-    """Last-position logits with every site blended, through one hook per o_proj / MLP."""
+def plain_logits(plain, layers: dict, batch, sites, values, weights: torch.Tensor) -> torch.Tensor:
+    """Last-position logits with every site blended, through one hook per o_proj / MLP (`layers`: _per_layer)."""
     rows, pos = torch.arange(batch.input_ids.shape[0]), _positions(batch, sites)
     padded = torch.cat([weights, torch.ones(1)])   # index -1 -> 1 (column left alone)
 
@@ -135,7 +137,7 @@ def plain_logits(plain, handle, batch, sites, values, weights: torch.Tensor) -> 
         return new
 
     hooks = []
-    for layer, (o_proj, mlp, cols, mlp_i) in _per_layer(plain, handle, sites).items():
+    for layer, (o_proj, mlp, cols, mlp_i) in layers.items():
         if cols is not None:
             w_cols = padded[cols]
             hooks.append(o_proj.register_forward_pre_hook(
@@ -151,7 +153,8 @@ def plain_logits(plain, handle, batch, sites, values, weights: torch.Tensor) -> 
 
 
 def plain_loss(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-    return -logits[torch.arange(logits.shape[0]), target_ids].mean()   # DCMConfig().loss == "target_logit"
+    """The target-logit loss, DCMConfig()'s default (the one this benchmark uses)."""
+    return -logits[torch.arange(logits.shape[0]), target_ids].mean()
 
 
 # ---- the two steps --------------------------------------------------------------------------------------------
@@ -171,7 +174,7 @@ class Trainer:
         weights = self.mask()
         if self.use_nnsight:
             return backward_on_batch(s.handle, s.batch, s.sites, weights, cfg.loss, self.plan)
-        logits = plain_logits(s.plain, s.handle, s.batch.original, s.sites, s.plain_values, weights)
+        logits = plain_logits(s.plain, s.plain_layers, s.batch.original, s.sites, s.plain_values, weights)
         loss = plain_loss(logits, s.batch.target_ids)
         loss.backward()
         return float(loss.detach())
@@ -278,7 +281,7 @@ CASES = {
     # the issue's benchmark: GPT-2-small size (defaults of build())
     NAME: {},
     # the same 156 sites on a narrow model, where compute is small and nnsight's fixed per-step cost shows
-    "dcm_step_narrow": {"d_model": 48, "repeats": 30, "warmup": 3, "target": None},
+    "dcm_step_narrow": {"d_model": 48, "repeats": 60, "warmup": 3, "target": None},
 }
 
 COLUMNS = ["case", "nnsight cpu s", "plain cpu s", "ratio (cpu)", "wall median", "wall min", "target", "ok",
