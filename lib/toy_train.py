@@ -200,6 +200,7 @@ def train_entity(tokenizer, cfg: TrainConfig, model: LlamaForCausalLM | None = N
 
 
 # ---------------------------------------------------------------- variable binding
+VARBIND_STEPS = 4400  # the step with the best validation accuracy (0.93) in a 4400-step run of this recipe
 VAR_NAMES = ("x", "y", "z")  # the names lib.data_gen_vb uses; training shuffles their order and drops some
 
 
@@ -219,27 +220,27 @@ def random_expression(rng: random.Random, values: dict[str, int], ops: str = "+-
 
 @dataclass
 class VarbindConfig:
-    """Hyper-parameters of the variable-binding run (recorded in the manifest)."""
+    """Hyper-parameters of the variable-binding run (recorded in the manifest); the defaults are the recipe."""
 
     seed: int = 0
-    d_model: int = 128
-    n_layers: int = 4
+    d_model: int = 64
+    n_layers: int = 3
     n_heads: int = 4
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup: int = 200
-    min_vars: int = 2
+    min_vars: int = 3
     max_vars: int = 3
-    n_queries: int = 4              # queries per sequence, each answered with its full result
-    retrieval: float = 0.3          # share of queries that just ask a value back ("y=" -> "40")
+    n_queries: int = 6              # queries per sequence, each answered with its full result
+    retrieval: float = 0.3          # share of follow-up queries that just ask a value back ("y=" -> "40")
     ops: str = "+-"                 # multiplication is never trained (the paper's transfer test)
-    shuffle_names: float = 0.5     # share of programs whose names are not in the order x, y, z
-    binding_first: bool = True      # stage 0: only value retrieval, until first-query accuracy >= advance_acc
+    shuffle_names: float = 0.0      # share of programs whose names are not in the order x, y, z
+    binding_first: bool = False     # stage 0: only value retrieval, until first-query accuracy >= advance_acc
     advance_acc: float = 0.9
-    max_steps: int = 3000
+    max_steps: int = VARBIND_STEPS
     eval_every: int = 100
     eval_n: int = 300
-    stop_acc: float = 0.9
+    stop_acc: float = 1.01          # no early stop: a fixed number of steps
 
 
 def _varbind_text(rng: random.Random, cfg: VarbindConfig, stage: int) -> str:
@@ -391,4 +392,14 @@ def train_entity_ft(tokenizer, base: LlamaForCausalLM, seed: int = 0) -> tuple[L
     last = len(ENTITY_STAGES) - 1
     model, info = train_entity(tokenizer, cfg, model=model, stage=last, eval_prompts=_entity_eval_prompts((3, 5, 7)))
     info.update(config={k: v for k, v in vars(cfg).items() if k != "history"})
+    return model, info
+
+
+def train_varbind_recipe(tokenizer, seed: int = 0) -> tuple[LlamaForCausalLM, dict]:
+    """The shipped variable-binding model: programs over x, y, z as lib.data_gen_vb makes them, + and - only."""
+    from lib.toy import varbind_tasks
+
+    cfg = VarbindConfig(seed=seed)
+    model, info = train_varbind(tokenizer, cfg, eval_prompts=varbind_tasks("+-", cfg.eval_n, seed=500_000))
+    info["config"] = dict(vars(cfg))
     return model, info
