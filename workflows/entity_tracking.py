@@ -31,7 +31,7 @@ from lib.models import load_model  # noqa: E402
 from lib.patching import collect, patched_logits, sites_at  # noqa: E402
 
 log = logging.getLogger("entity_tracking")
-DEFAULT_MODEL = "planted:strong"
+DEFAULT_MODEL = "toy:entity-base"
 POSITIONS = ("last", "query_label", "prev_query_label")
 
 
