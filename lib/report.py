@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,13 +44,13 @@ def heatmap(path: Path, matrix: np.ndarray, title: str, xlabel: str = "head", yl
             vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> Path:
     """A layer x head grid (row 0 at the bottom, like a model's depth)."""
     matrix = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * matrix.shape[1], 1.2 + 0.4 * matrix.shape[0]))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 0.45 * matrix.shape[1]), max(2.8, 1.2 + 0.4 * matrix.shape[0])))
     im = ax.imshow(matrix, origin="lower", vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
     ax.set_xticks(range(matrix.shape[1]))
     ax.set_yticks(range(matrix.shape[0]))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 48), fontsize=8)
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < (vmin + vmax) / 2 else "k")
     fig.colorbar(im, ax=ax, fraction=0.05)
