@@ -3,6 +3,8 @@
 - `random-llama`: lib.random_models.random_model("llama") with the word-level task tokenizer, rebuilt
   deterministically (fixed seed) into .ndif/models/random-llama on every `make ndif-up`.
 - every built-in toy model saved under lib/toy_models/<name> (save_pretrained format), deployed in place.
+- the planted models in PLANTED (hand-weighted, built in memory by lib.planted), saved to .ndif/models/planted-<v>,
+  so that the workflows' default model (`planted:strong`) runs with `--remote` too.
 
 Each model is deployed under the remote key the client computes for the same directory
 (lib.remote.model_key), with its measured size, float32 weights and the project's CPU actor.
@@ -25,6 +27,7 @@ log = logging.getLogger("ndif.models")
 ROOT = Path(__file__).resolve().parent.parent
 TOY_DIR = ROOT / "lib" / "toy_models"
 ACTOR_CLASS = "ndif_cpu_actor.CPUModelActor"
+PLANTED = ("strong",)  # each deployed model is a Ray actor of ~0.5 GB: only the workflows' default
 
 # The random model the remote tests compare against a local run (tests/test_remote.py imports these).
 RANDOM_NAME = "random-llama"
@@ -35,6 +38,16 @@ def save_random_model(out: Path) -> Path:
     tokenizer = word_level_tokenizer(TASK_WORDS)
     model = random_model("llama", vocab_size=len(tokenizer), **RANDOM_SIZE)
     path = out / "models" / RANDOM_NAME
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_planted(out: Path, variant: str) -> Path:
+    from lib import planted
+
+    model, tokenizer = planted.build(variant)
+    path = out / "models" / f"planted-{variant}"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -65,6 +78,8 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out.resolve()
     models = {RANDOM_NAME: save_random_model(out)}
+    for variant in PLANTED:
+        models[f"planted-{variant}"] = save_planted(out, variant)
     if TOY_DIR.is_dir():
         for config in sorted(TOY_DIR.glob("*/config.json")):
             models[f"toy-{config.parent.name}"] = config.parent.resolve()

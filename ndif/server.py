@@ -58,7 +58,8 @@ PORTS = {
     "ray_workers": 20100,  # first of 1000 ports for Ray's worker processes
 }
 # The declared GPU that lets ndif's controller place models; the models themselves run on the CPU.
-RAY_RESOURCES = {"GPU": 1, "CPU": 4, "cuda_memory_bytes": 8 * 1024**3}
+# Each model actor and the controller take one logical CPU: room for a dozen models on the two real cores.
+RAY_RESOURCES = {"GPU": 1, "CPU": 12, "cuda_memory_bytes": 8 * 1024**3}
 SERVICE_TIMEOUT_S = 120
 DEPLOY_TIMEOUT_S = 300
 READY_TIMEOUT_S = 240
