@@ -46,15 +46,17 @@ def entity_table(handle, prompts: list) -> dict[str, dict[str, list[list[float]]
         table[qname]["other objects (sum)"] = torch.stack(
             [(o.sum(-1) - c).mean(0) for o, c in zip(others, correct)]).tolist()
     # a box label, pooled over the boxes: its own object, its own 'box' token, the previous segment's label
-    own = {"own object": 0, "own 'box'": 0, "previous label": 0, "first token": 0}
-    for i in range(n):
-        q = pos[f"label_{i}"]
-        own["own object"] = own["own object"] + torch.stack([_gather(w, q, pos[f"object_{i}"]).mean(0) for w in weights])
-        own["own 'box'"] = own["own 'box'"] + torch.stack([_gather(w, q, q - 1).mean(0) for w in weights])
-        prev = pos[f"label_{i - 1}"] if i else first
-        own["previous label"] = own["previous label"] + torch.stack([_gather(w, q, prev).mean(0) for w in weights])
-        own["first token"] = own["first token"] + torch.stack([_gather(w, q, first).mean(0) for w in weights])
-    table["box labels"] = {k: (v / n).tolist() for k, v in own.items()}
+    def pooled(key_of) -> torch.Tensor:
+        per_box = [torch.stack([_gather(w, pos[f"label_{i}"], key_of(i)).mean(0) for w in weights]) for i in range(n)]
+        return torch.stack(per_box).mean(0)
+
+    own = {
+        "own object": pooled(lambda i: pos[f"object_{i}"]),
+        "own 'box'": pooled(lambda i: pos[f"label_{i}"] - 1),
+        "previous label": pooled(lambda i: pos[f"label_{i - 1}"] if i else first),
+        "first token": pooled(lambda i: first),
+    }
+    table["box labels"] = {k: v.tolist() for k, v in own.items()}
     return table
 
 

@@ -11,10 +11,11 @@ import copy
 import logging
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lib.data_gen import LABELS, OBJECTS, entity_tracking_prompt, variable_binding_prompt
@@ -53,7 +54,6 @@ class TrainConfig:
     eval_every: int = 20
     eval_n: int = 200
     min_final_steps: int = 0        # keep training at least this long in the last stage (to see a plateau)
-    history: list = field(default_factory=list)
 
 
 def new_model(vocab_size: int, d_model: int, n_layers: int, n_heads: int, tokenizer) -> LlamaForCausalLM:
@@ -160,8 +160,6 @@ def train_entity(tokenizer, cfg: TrainConfig, model: LlamaForCausalLM | None = N
     info = {"stage_steps": {}, "evals": [], "grew_at_step": None}
     last_stage = min(cfg.max_stage, len(ENTITY_STAGES) - 1)
     final_since = 0 if stage == last_stage else None
-    from tqdm import tqdm
-
     bar = tqdm(range(cfg.max_steps), desc="entity", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
@@ -264,7 +262,8 @@ def _varbind_text(rng: random.Random, cfg: VarbindConfig, stage: int) -> str:
 
 def varbind_batch(tokenizer, rng: random.Random, cfg: VarbindConfig, stage: int = 1):
     """Right-padded ids and a mask of the answer digits (every digit after the first '.')."""
-    rows = tokenizer([_varbind_text(rng, cfg, stage) for _ in range(cfg.batch_size)], add_special_tokens=False)["input_ids"]
+    texts = [_varbind_text(rng, cfg, stage) for _ in range(cfg.batch_size)]
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     for i, row in enumerate(rows):
@@ -280,8 +279,6 @@ def varbind_batch(tokenizer, rng: random.Random, cfg: VarbindConfig, stage: int 
 def train_varbind(tokenizer, cfg: VarbindConfig, eval_prompts: list | None = None, progress: bool = True,
                   checkpoint=None) -> tuple[LlamaForCausalLM, dict]:
     """Train the variable-binding model on + and - with full answers; stop at held-out first-digit accuracy."""
-    from tqdm import tqdm
-
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model = new_model(len(tokenizer), cfg.d_model, cfg.n_layers, cfg.n_heads, tokenizer).train()
@@ -377,21 +374,21 @@ def _anneal(model, tokenizer, cfg: TrainConfig, steps: int, stage: int) -> Llama
 
 def train_entity_base(tokenizer, seed: int = 0, anneal_steps: int = 200) -> tuple[LlamaForCausalLM, dict]:
     cfg = base_config(seed)
-    evals = _entity_eval_prompts()
+    evals = _entity_eval_prompts(n=cfg.eval_n)
     model, info = train_entity(tokenizer, cfg, eval_prompts=evals)
     model = _anneal(model, tokenizer, cfg, anneal_steps, info["final_stage"])
     final = {str(b): quick_accuracy(model, tokenizer, ps) for b, ps in evals.items()}
     info["evals"].append({"step": info["steps"] + anneal_steps, **final})
-    info.update(anneal_steps=anneal_steps, config={k: v for k, v in vars(cfg).items() if k != "history"})
+    info.update(anneal_steps=anneal_steps, config=dict(vars(cfg)))
     return model, info
 
 
 def train_entity_ft(tokenizer, base: LlamaForCausalLM, seed: int = 0) -> tuple[LlamaForCausalLM, dict]:
     cfg = ft_config(seed)
-    model = copy.deepcopy(base)
-    last = len(ENTITY_STAGES) - 1
-    model, info = train_entity(tokenizer, cfg, model=model, stage=last, eval_prompts=_entity_eval_prompts((3, 5, 7)))
-    info.update(config={k: v for k, v in vars(cfg).items() if k != "history"})
+    evals = _entity_eval_prompts((3, 5, 7), cfg.eval_n)
+    model, info = train_entity(tokenizer, cfg, model=copy.deepcopy(base), stage=len(ENTITY_STAGES) - 1,
+                               eval_prompts=evals)
+    info.update(config=dict(vars(cfg)))
     return model, info
 
 
