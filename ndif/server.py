@@ -113,7 +113,10 @@ def ray_temp_dir() -> Path:
 
 def service_env() -> dict:
     bin_dir = str(VENV / "bin")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONHOME", "RAY_ADDRESS"))}
+    # Inherited NDIF_* settings (a Postgres for auth, Loki/Influx telemetry, another API's URL) would reach
+    # beyond this stack: only ours are set.
+    dropped = ("VIRTUAL_ENV", "PYTHONHOME", "RAY_ADDRESS", "NDIF_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
     env.update({
         "PATH": f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}",
         "PYTHONPATH": str(ROOT / "ndif"),  # lets Ray's workers import ndif_cpu_actor
@@ -138,7 +141,6 @@ def service_env() -> dict:
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     })
-    env.pop("PYTHONPATH_EXTRA", None)
     return env
 
 
