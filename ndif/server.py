@@ -336,7 +336,8 @@ def down(_args) -> None:
         time.sleep(0.5)
     for name, pgid in groups.items():
         if _alive(pgid):
-            log.info("%s still running after %d s (Ray drains for 30 s): killing it", name, STOP_GRACE_S)
+            log.info("%s still running after %d s (Ray drains for 30 s, gunicorn waits for its workers): "
+                     "killing it", name, STOP_GRACE_S)
             _signal(pgid, signal.SIGKILL)
     if STATE.exists():
         STATE.unlink()
