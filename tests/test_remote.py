@@ -156,7 +156,7 @@ def test_error_in_traced_code_comes_back_with_the_server_message(remote):
     enc = _enc(remote, PROMPTS)
     with pytest.raises(RemoteError) as info:
         with remote.trace(enc):
-            hidden = handle_output = remote.arch.attn_out(remote.model, 1).input
+            hidden = remote.arch.attn_out(remote.model, 1).input
             bad = hidden[..., 10_000].save()  # noqa: F841  (index out of range on the server)
     assert not isinstance(info.value, (NDIFUnreachable, NDIFModelNotHosted))
     assert "out of bounds" in str(info.value) or "index" in str(info.value).lower()
