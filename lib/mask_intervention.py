@@ -307,6 +307,7 @@ def train_mask(
     rng = random.Random(config.seed)
     train_batches = [pb for name in train for pb in prepare_batches(handle, train[name], sites, config.batch_size)]
     val_batches = [pb for name in val for pb in prepare_batches(handle, val[name], sites, config.batch_size)]
+    progress = progress and not handle.remote  # on a server tqdm would stream back as status lines
     with handle.session():  # remotely: the whole optimisation is one request; only `outcome` comes back
         outcome = nnsight.save(_optimise(handle, train_batches, val_batches, sites, config, rng, progress))
     weights, best_mask, best_acc, history = (outcome[k] for k in ("weights", "best_mask", "best_acc", "history"))
