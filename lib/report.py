@@ -40,6 +40,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def heatmap(path: Path, matrix: np.ndarray, title: str, xlabel: str = "head", ylabel: str = "layer",
             vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> Path:
     """A layer x head grid (row 0 at the bottom, like a model's depth)."""
@@ -54,11 +62,7 @@ def heatmap(path: Path, matrix: np.ndarray, title: str, xlabel: str = "head", yl
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < (vmin + vmax) / 2 else "k")
     fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def grouped_bars(path: Path, groups: Sequence[str], series: dict[str, Sequence[float]], title: str,
@@ -74,11 +78,7 @@ def grouped_bars(path: Path, groups: Sequence[str], series: dict[str, Sequence[f
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def line_plot(path: Path, x: Sequence[float], ys: dict[str, Sequence[float]], title: str, xlabel: str,
@@ -92,8 +92,4 @@ def line_plot(path: Path, x: Sequence[float], ys: dict[str, Sequence[float]], ti
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
