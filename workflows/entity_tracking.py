@@ -26,7 +26,7 @@ from lib.components import all_components  # noqa: E402
 from lib.data_gen import (  # noqa: E402
     ENTITY_DESIDERATA, answers_correct, encode_batch, entity_triples, filter_correct, random_entity_prompt,
 )
-from lib.mask_intervention import DCMConfig, evaluate_mask, train_mask  # noqa: E402
+from lib.mask_intervention import DCMConfig, evaluate_mask, lambda_sweep, train_mask  # noqa: E402
 from lib.models import load_model  # noqa: E402
 from lib.patching import collect, patched_logits, sites_at  # noqa: E402
 
@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--positions", default=",".join(POSITIONS), help="token positions to patch heads at")
     p.add_argument("--desiderata", default=",".join(ENTITY_DESIDERATA), help="subset of object,label,position")
     p.add_argument("--no-scan", action="store_true", help="skip the per-head activation-patching scan")
+    p.add_argument("--sweep", default="", help="comma-separated lambdas: also plot mask size and accuracy per lambda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/entity_tracking"), help="output directory")
     return p.parse_args(argv)
@@ -143,6 +144,18 @@ def main(argv=None) -> dict:
                             {f"mask: {d}": [results["dcm"][d]["heldout_accuracy"].get(k, 0) for k in desiderata]
                              for d in desiderata},
                             "held-out accuracy of each DCM mask on each desideratum")
+    if args.sweep:
+        lambdas = [float(x) for x in args.sweep.split(",")]
+        results["lambda_sweep"] = {}
+        for d in desiderata:
+            rows = lambda_sweep(handle, {d: train[d]}, {d: evals[d][: len(evals[d]) // 2]}, sites, lambdas, config)
+            results["lambda_sweep"][d] = rows
+            report.line_plot(out / f"lambda_sweep_{d}.png", lambdas,
+                             {"sites patched": [r["n_patched"] for r in rows]},
+                             f"{d}: mask size per lambda", "lambda", "sites patched", logx=True)
+            report.line_plot(out / f"lambda_sweep_{d}_accuracy.png", lambdas,
+                             {"validation accuracy": [r["val_accuracy"].get(d, 0.0) for r in rows]},
+                             f"{d}: accuracy of the final mask per lambda", "lambda", "accuracy", logx=True)
     results["seconds"] = round(time.time() - started, 1)
     report.write_json(out / "results.json", results)
     (out / "report.md").write_text(render_report(results, desiderata, positions))
