@@ -1,0 +1,250 @@
+"""Circuit evaluation of Prakash et al. (2024): accuracy, logit difference, faithfulness, completeness, minimality.
+
+A circuit is a set of `Site`s (a head at a named token position, e.g. L2H3@last). "Every head not in the circuit
+mean-ablated" means every head at *every* token index, not only at the named positions. Named positions are
+per example (prev_query_label depends on which box is queried), so we work in absolute token indices:
+
+- `with_token_positions` adds positions "t0".."t{n-1}" (the absolute index) to a batch, so the patching
+  primitives of lib.patching read and write any token.
+- `fixed_groups` splits a batch into sub-batches in which every named position a circuit uses sits at one index;
+  inside a group a named site *is* one absolute site, and "everything else" is plain set arithmetic.
+- The mean of a head at index t is over reference prompts of the **same length** (entity prompts with a fixed
+  number of boxes and single-token objects/labels, e.g. the word-level tokenizer), so index t is the same token
+  role in every prompt. Prompts of mixed lengths get a clear error.
+
+MLPs are never ablated (the paper ablates heads). F is the accuracy of the last position's argmax.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from lib.components import Component
+from lib.data_gen import EncodedBatch
+from lib.models import ModelHandle
+from lib.patching import Activations, Site, clean_logits, mean_activations, patched_logits
+
+log = logging.getLogger(__name__)
+
+
+def tok(i: int) -> str:
+    """Name of the absolute token index i as a position."""
+    return f"t{i}"
+
+
+def is_token_position(name: str) -> bool:
+    return name.startswith("t") and name[1:].isdigit()
+
+
+def with_token_positions(batch: EncodedBatch) -> EncodedBatch:
+    """The same batch with positions "t0".."t{width-1}" added (the absolute index, the same for every example)."""
+    size, width = batch.input_ids.shape
+    positions = dict(batch.positions)
+    positions.update({tok(i): torch.full((size,), i, dtype=torch.long) for i in range(width)})
+    return EncodedBatch(batch.input_ids, batch.attention_mask, positions, batch.answer_ids)
+
+
+def check_same_length(batches: Sequence[EncodedBatch]) -> int:
+    """The common prompt length; whole-sequence ablation compares token index t across prompts."""
+    lengths = {int(n) for b in batches for n in b.attention_mask.sum(1)}
+    widths = {b.input_ids.shape[1] for b in batches}
+    if len(lengths) != 1 or widths != lengths:
+        raise ValueError(f"whole-sequence mean ablation needs prompts of one token length, got lengths "
+                         f"{sorted(lengths)}: use one number of boxes and single-token objects and labels")
+    return lengths.pop()
+
+
+def subset(batch: EncodedBatch, idx: torch.Tensor) -> EncodedBatch:
+    return EncodedBatch(batch.input_ids[idx], batch.attention_mask[idx],
+                        {k: v[idx] for k, v in batch.positions.items()}, batch.answer_ids[idx])
+
+
+def fixed_groups(batch: EncodedBatch, names: Iterable[str]) -> list[tuple[EncodedBatch, dict[str, int], torch.Tensor]]:
+    """Sub-batches in which each named position sits at one index: (sub-batch, {name: index}, example indices)."""
+    names = sorted({n for n in names if not is_token_position(n)})
+    for name in names:
+        if name not in batch.positions:
+            raise ValueError(f"position {name!r} is not defined for these prompts; "
+                             f"available: {', '.join(sorted(batch.positions))}")
+    keys = [tuple(int(batch.positions[n][i]) for n in names) for i in range(batch.input_ids.shape[0])]
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        groups[key].append(i)
+    out = []
+    for key, rows in sorted(groups.items()):
+        idx = torch.tensor(rows)
+        out.append((subset(batch, idx), dict(zip(names, key)), idx))
+    return out
+
+
+def absolute(site: Site, index: dict[str, int]) -> Site:
+    """The site at its absolute token index inside a fixed group."""
+    if is_token_position(site.position):
+        return site
+    return Site(site.component, tok(index[site.position]))
+
+
+def head_sites(handle: ModelHandle, width: int, layers: Iterable[int] | None = None) -> list[Site]:
+    """Every head at every token index (of the given layers)."""
+    arch = handle.arch
+    layers = range(arch.n_layers) if layers is None else layers
+    return [Site(Component(layer, h), tok(t)) for layer in layers for h in range(arch.n_heads) for t in range(width)]
+
+
+def whole_sequence_means(handle: ModelHandle, batches: Sequence[EncodedBatch]) -> Activations:
+    """Mean output of every head at every token index over `batches` (prompts of one length)."""
+    width = check_same_length(batches)
+    return mean_activations(handle, [with_token_positions(b) for b in batches], head_sites(handle, width))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Scores
+# ------------------------------------------------------------------------------------------------------------
+
+
+def accuracy(logits: torch.Tensor, answer_ids: torch.Tensor) -> float:
+    """F: the fraction of examples whose last-position argmax is the answer."""
+    return float((logits.argmax(-1).cpu() == answer_ids.cpu()).float().mean())
+
+
+def logit_difference(logits: torch.Tensor, a_ids: torch.Tensor, b_ids: torch.Tensor) -> float:
+    """Mean of logit[a] - logit[b] (e.g. correct answer minus a distractor)."""
+    rng = torch.arange(logits.shape[0])
+    return float((logits[rng, a_ids.to(logits.device)] - logits[rng, b_ids.to(logits.device)]).mean())
+
+
+def answer_prob(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
+    """Per-example softmax probability of the answer token."""
+    return logits.float().softmax(-1)[torch.arange(logits.shape[0]), answer_ids.to(logits.device)].cpu()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Ablated runs
+# ------------------------------------------------------------------------------------------------------------
+
+
+def ablated_logits(
+    handle: ModelHandle, batch: EncodedBatch, keep: Sequence[Site] | None, means: Activations,
+    ablate: Sequence[Site] | None = None,
+) -> torch.Tensor:
+    """Last-position logits with heads mean-ablated over the whole sequence.
+
+    keep given: every head at every token index except the `keep` sites is ablated (the circuit run F(Cir)).
+    ablate given: only those sites are ablated (the model run F(M\\K)). Exactly one of the two.
+    """
+    if (keep is None) == (ablate is None):
+        raise ValueError("give either keep (the circuit) or ablate (the sites to remove), not both")
+    width = check_same_length([batch])
+    named = [s.position for s in (keep if keep is not None else ablate)]
+    out = torch.empty(batch.input_ids.shape[0], 0)
+    for group, index, idx in fixed_groups(batch, named):
+        group = with_token_positions(group)
+        if keep is not None:
+            kept = {absolute(s, index) for s in keep}
+            sites = [s for s in head_sites(handle, width) if s not in kept]
+        else:
+            sites = sorted({absolute(s, index) for s in ablate})
+        size = group.input_ids.shape[0]
+        values = {s.row_key: means[s.row_key].expand(size, -1) for s in sites}
+        logits = patched_logits(handle, group, sites, values) if sites else clean_logits(handle, group)
+        if out.shape[1] == 0:
+            out = torch.empty(batch.input_ids.shape[0], logits.shape[-1], dtype=logits.dtype)
+        out[idx] = logits.cpu()
+    return out
+
+
+def circuit_accuracy(handle: ModelHandle, batches: Sequence[EncodedBatch], circuit: Sequence[Site],
+                     means: Activations) -> float:
+    """F(Cir): accuracy with every head not in `circuit` mean-ablated at every token."""
+    return _mean_acc(handle, batches, lambda b: ablated_logits(handle, b, list(circuit), means))
+
+
+def model_accuracy(handle: ModelHandle, batches: Sequence[EncodedBatch], means: Activations,
+                   without: Sequence[Site] = ()) -> float:
+    """F(M) or, with `without`, F(M\\K): the full model with only the sites K mean-ablated."""
+    if not without:
+        return _mean_acc(handle, batches, lambda b: clean_logits(handle, b))
+    return _mean_acc(handle, batches, lambda b: ablated_logits(handle, b, None, means, ablate=list(without)))
+
+
+def _mean_acc(handle, batches, run) -> float:
+    correct = total = 0
+    for b in batches:
+        logits = run(b)
+        correct += accuracy(logits, b.answer_ids) * b.input_ids.shape[0]
+        total += b.input_ids.shape[0]
+    return correct / total
+
+
+def faithfulness(handle: ModelHandle, batches: Sequence[EncodedBatch], circuit: Sequence[Site],
+                 means: Activations) -> dict[str, float]:
+    """{"model": F(M), "circuit": F(Cir), "faithfulness": F(Cir) / F(M)}."""
+    full = model_accuracy(handle, batches, means)
+    cir = circuit_accuracy(handle, batches, circuit, means)
+    return {"model": full, "circuit": cir, "faithfulness": cir / full if full else float("nan")}
+
+
+def completeness(handle: ModelHandle, batches: Sequence[EncodedBatch], circuit: Sequence[Site],
+                 removed: Sequence[Site], means: Activations) -> float:
+    """|F(Cir \\ K) - F(M \\ K)|: a complete circuit loses as much as the model when K is knocked out."""
+    removed = set(removed)
+    cir = circuit_accuracy(handle, batches, [s for s in circuit if s not in removed], means)
+    mod = model_accuracy(handle, batches, means, without=sorted(removed))
+    return abs(cir - mod)
+
+
+def random_subsets(circuit: Sequence[Site], n: int, fraction: float = 0.5, seed: int = 0) -> list[list[Site]]:
+    """n random subsets K of the circuit, each of round(fraction * size) sites (at least one)."""
+    rng = random.Random(seed)
+    k = max(1, round(fraction * len(circuit)))
+    return [sorted(rng.sample(sorted(circuit), k)) for _ in range(n)]
+
+
+def random_circuit(handle: ModelHandle, circuit: Sequence[Site], seed: int = 0) -> list[Site]:
+    """A random circuit with the same number of heads at each position (heads drawn uniformly at that position)."""
+    rng = random.Random(seed)
+    heads = [Component(layer, h) for layer in range(handle.arch.n_layers) for h in range(handle.arch.n_heads)]
+    counts = Counter(s.position for s in circuit if s.component.is_head)
+    return sorted(Site(c, pos) for pos, n in sorted(counts.items()) for c in rng.sample(heads, n))
+
+
+def random_circuit_accuracy(handle: ModelHandle, batches: Sequence[EncodedBatch], circuit: Sequence[Site],
+                            means: Activations, n: int = 10, seed: int = 0) -> list[float]:
+    """F of n random circuits with the circuit's per-position head counts (the paper's baseline, n = 10)."""
+    return [circuit_accuracy(handle, batches, random_circuit(handle, circuit, seed + i), means) for i in range(n)]
+
+
+def minimality(handle: ModelHandle, batches: Sequence[EncodedBatch], circuit: Sequence[Site], means: Activations,
+               max_k: int | None = None) -> dict[Site, float]:
+    """Per site v: max over greedily grown K of |F(Cir \\ (K + v)) - F(Cir \\ K)| (the paper's minimality).
+
+    K starts empty and grows by the site that most increases the score, up to `max_k` sites (default: 30% of the
+    circuit, as in the paper). A site whose score stays below ~0.01 contributes nothing and can be pruned.
+    """
+    circuit = sorted(set(circuit))
+    max_k = max_k if max_k is not None else int(0.3 * len(circuit))
+    cache: dict[frozenset, float] = {}
+
+    def f(removed: frozenset) -> float:
+        if removed not in cache:
+            cache[removed] = circuit_accuracy(handle, batches, [s for s in circuit if s not in removed], means)
+        return cache[removed]
+
+    scores = {}
+    for v in circuit:
+        k: frozenset = frozenset()
+        best = abs(f(k | {v}) - f(k))
+        for _ in range(max_k):
+            options = [s for s in circuit if s != v and s not in k]
+            if not options:
+                break
+            gains = {s: abs(f(k | {s, v}) - f(k | {s})) for s in options}
+            s = max(gains, key=gains.get)
+            k = k | {s}
+            best = max(best, gains[s])
+        scores[v] = best
+    return scores
