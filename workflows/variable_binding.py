@@ -1,0 +1,197 @@
+"""Variable binding (Davies et al. 2023): which components carry a variable's value to the answer?
+
+Runs on any supported model (default: the built-in trained toy:varbind, offline, in minutes on a CPU):
+  1. the original model (no patching) on held-out Value Dependence (VD) and Operation Invariance (OI) triples,
+     on + and - and on the transfer sets (VD on *, OI swapping + and *): their Table 1's first row,
+  2. DCM over every head and every MLP at the last token, trained (a) on VD only ("incomplete desiderata") and
+     (b) on VD and OI, alternating their steps ("full desiderata"),
+  3. each binary mask on the same held-out columns, plus the number of patched components,
+and writes results.json, report.md and PNG plots to --out. Accuracy is judged on the answer's first digit.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lib import report  # noqa: E402
+from lib.components import all_components  # noqa: E402
+from lib.data_gen import filter_correct  # noqa: E402
+from lib.data_gen_vb import VB_DESIDERATA, vb_triples  # noqa: E402
+from lib.mask_intervention import DCMConfig, evaluate_mask, train_mask  # noqa: E402
+from lib.models import load_model  # noqa: E402
+from lib.patching import sites_at  # noqa: E402
+from lib.toy import varbind_table1  # noqa: E402
+
+log = logging.getLogger("variable_binding")
+DEFAULT_MODEL = "toy:varbind"
+VD, OI = "value_dependence", "operation_invariance"
+COLUMNS = tuple(VB_DESIDERATA)  # VD (+,-), OI (+,-), VD (*), OI (+,*): Table 1's columns
+COLUMN_NAMES = {VD: "VD acc (+,-)", OI: "OI acc (+,-)", "value_dependence_mul": "VD acc (*)",
+                "operation_invariance_add_mul": "OI acc (+,*)"}
+MASKS = {"incomplete": (VD,), "full": (VD, OI)}   # Table 1's rows: trained on VD only / on VD and OI
+ROW_NAMES = {"original": "Original model", "incomplete": "Incomplete desiderata (VD only)",
+             "full": "Full desiderata (VD and OI)"}
+PAPER_TABLE1 = {   # Davies et al. (2023) Table 1, LLaMA-13B, held-out problems (see /work/shared/PAPERS.md)
+    "original": {VD: 0.18, OI: 0.91, "value_dependence_mul": 0.11, "operation_invariance_add_mul": 0.93,
+                 "n_patched": 0},
+    "incomplete": {VD: 0.93, OI: 0.11, "value_dependence_mul": 0.82, "operation_invariance_add_mul": 0.13,
+                   "n_patched": 10},
+    "full": {VD: 0.84, OI: 0.82, "value_dependence_mul": 0.84, "operation_invariance_add_mul": 0.91,
+             "n_patched": 10},
+}
+EVAL_SEED_OFFSET = 1000  # held-out triples come from seed + 1000, training from seed + 1, validation seed + 2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="HF id, local save_pretrained dir, or built-in (toy:varbind, ...)")
+    p.add_argument("--remote", action="store_true", help="run every trace on NDIF (NDIF_HOST, NDIF_API_KEY)")
+    p.add_argument("--device-map", default=None, help='e.g. "auto" to shard over local GPUs with accelerate')
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+    p.add_argument("--n-train", type=int, default=256,
+                   help="DCM training triples per desideratum, before keeping those the model answers correctly")
+    p.add_argument("--n-eval", type=int, default=500, help="held-out triples per Table 1 column (paper: held-out set)")
+    p.add_argument("--n-val", type=int, default=None,
+                   help="validation triples per desideratum for choosing and pruning the mask (default n-train/4)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=4, help="DCM epochs over the training triples")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.03,
+                   help="DCM L0.5 sparsity strength (paper: 0.03)")
+    p.add_argument("--lr", type=float, default=0.05, help="DCM Adam learning rate (paper: 0.01 over more steps)")
+    p.add_argument("--parameterization", default="clamp", choices=["clamp", "sigmoid", "hard_concrete"],
+                   help="clamp = the paper's recipe; the others learn where its gradients vanish")
+    p.add_argument("--init", default="half", choices=["ones", "half", "random"],
+                   help="initial weights; with clamp and L0.5, 'ones' stays at 1 (the penalty's gradient there is "
+                        "0.5/sqrt(eps) and the clamp holds it) and patches nothing")
+    p.add_argument("--no-prune", action="store_true",
+                   help="keep every site of the selected mask (default: drop sites validation does not need)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/variable_binding"), help="output directory")
+    return p.parse_args(argv)
+
+
+def training_triples(handle, desideratum: str, n: int, seed: int, exclude: set[str], batch_size: int):
+    """Triples the model answers correctly (original and alternate), none of whose originals is held out."""
+    triples = [t for t in vb_triples(desideratum, n, seed=seed) if t.original.text not in exclude]
+    return filter_correct(handle, triples, batch_size=batch_size)
+
+
+def mask_grid(arch, sites, weights) -> np.ndarray:
+    """layer x (heads + one MLP column) of a per-site value."""
+    grid = np.ones((arch.n_layers, arch.n_heads + 1))
+    for site, w in zip(sites, weights):
+        c = site.component
+        grid[c.layer, c.head if c.is_head else arch.n_heads] = w
+    return grid
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    handle = load_model(args.model, device_map=args.device_map, dtype=args.dtype, remote=args.remote)
+    arch = handle.arch
+    sites = sites_at(all_components(arch), "last")
+    log.info("model %s: %d layers x %d heads; %d sites (every head and MLP at the last token)",
+             handle.name, arch.n_layers, arch.n_heads, len(sites))
+
+    # 1. held-out columns (not filtered: Table 1's original row is the unpatched model on these same triples)
+    eval_seed = args.seed + EVAL_SEED_OFFSET
+    held_out = {d: vb_triples(d, args.n_eval, seed=eval_seed) for d in COLUMNS}
+    original = varbind_table1(handle, n=args.n_eval, seed=eval_seed)
+    log.info("original model: %s", {COLUMN_NAMES[d]: round(v, 3) for d, v in original.items()})
+
+    # training and validation data: + and - only, correct answers, disjoint from the held-out originals
+    exclude = {t.original.text for ts in held_out.values() for t in ts}
+    n_val = args.n_val or max(args.n_train // 4, args.batch_size)
+    train = {d: training_triples(handle, d, args.n_train, args.seed + 1, exclude, args.batch_size) for d in (VD, OI)}
+    exclude |= {t.original.text for ts in train.values() for t in ts}
+    val = {d: training_triples(handle, d, n_val, args.seed + 2, exclude, args.batch_size) for d in (VD, OI)}
+    for name, data in (("training", train), ("validation", val)):
+        empty = [d for d, ts in data.items() if not ts]
+        if empty:
+            raise RuntimeError(f"the model answers none of the {name} triples of {empty} correctly: "
+                               "DCM needs a model that does the task (try a larger --n-train or another model)")
+
+    results = {"config": {k: str(v) for k, v in vars(args).items()}, "model": handle.name,
+               "sites": [str(s) for s in sites], "n_eval": {d: len(v) for d, v in held_out.items()},
+               "n_train": {d: len(v) for d, v in train.items()}, "n_val": {d: len(v) for d, v in val.items()},
+               "paper_table1": PAPER_TABLE1,
+               "table1": {"original": {**original, "n_patched": 0}}, "dcm": {}}
+
+    # 2. + 3. DCM with the incomplete and the full desiderata, each binary mask on every held-out column
+    config = DCMConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                       loss="logit_diff", penalty="l0.5", combine="alternate",
+                       parameterization=args.parameterization, init=args.init, prune=not args.no_prune, seed=args.seed)
+    for row, desiderata in MASKS.items():
+        log.info("DCM, %s: trained on %s", ROW_NAMES[row], ", ".join(desiderata))
+        result = train_mask(handle, {d: train[d] for d in desiderata}, {d: val[d] for d in desiderata}, sites, config)
+        acc = evaluate_mask(handle, held_out, sites, result.patched, args.batch_size)
+        results["table1"][row] = {**acc, "n_patched": len(result.patched)}
+        results["dcm"][row] = {**result.to_json(), "trained_on": list(desiderata), "heldout_accuracy": acc}
+        report.heatmap(out / f"mask_{row}.png", mask_grid(arch, sites, result.mask),
+                       f"{ROW_NAMES[row]}: binary mask at the last token (0 = patched); last column = MLP",
+                       xlabel=f"head (column {arch.n_heads} = MLP)", cmap="magma")
+        report.heatmap(out / f"weights_{row}.png", mask_grid(arch, sites, result.weights),
+                       f"{ROW_NAMES[row]}: continuous DCM weights (0 = patched); last column = MLP",
+                       xlabel=f"head (column {arch.n_heads} = MLP)", cmap="magma")
+        log.info("%s: patched %s; held-out %s", row, result.patched or "(none)",
+                 {COLUMN_NAMES[d]: round(v, 3) for d, v in acc.items()})
+
+    table = results["table1"]
+    report.grouped_bars(out / "table1_accuracy.png", [COLUMN_NAMES[d] for d in COLUMNS],
+                        {ROW_NAMES[r]: [table[r][d] for d in COLUMNS] for r in table},
+                        f"{handle.name}: held-out accuracy per desideratum (Davies et al. Table 1)")
+    report.grouped_bars(out / "paper_table1_accuracy.png", [COLUMN_NAMES[d] for d in COLUMNS],
+                        {ROW_NAMES[r]: [PAPER_TABLE1[r][d] for d in COLUMNS] for r in PAPER_TABLE1},
+                        "Davies et al. Table 1 (LLaMA-13B), for comparison")
+    results["seconds"] = round(time.time() - started, 1)
+    report.write_json(out / "results.json", results)
+    (out / "report.md").write_text(render_report(results))
+    log.info("wrote %s (results.json, report.md, plots) in %.0f s", out, results["seconds"])
+    return results
+
+
+def render_report(results: dict) -> str:
+    header = ["", *COLUMN_NAMES.values(), "# patched"]
+
+    def rows(table: dict) -> list[list]:
+        return [[ROW_NAMES[r], *[f"{table[r][d]:.0%}" for d in COLUMNS], table[r]["n_patched"]] for r in ROW_NAMES]
+
+    cfg = results["config"]
+    lines = [f"# Variable binding on {results['model']}", "",
+             "Davies et al. (2023), Table 1: DCM over every head and every MLP at the last token. VD = value "
+             "dependence (patching should change the answer to the alternate's), OI = operation invariance "
+             "(patching should leave it); accuracy on the answer's first digit, held-out programs "
+             f"({results['n_eval'][VD]} per column, not filtered for correctness). The (*) columns are the "
+             "transfer test: multiplication, which DCM never trained on.", "",
+             "## This run", "", report.markdown_table(header, rows(results["table1"])), "",
+             "## The paper (LLaMA-13B)", "", report.markdown_table(header, rows(results["paper_table1"])), "",
+             "## Masks", ""]
+    mask_rows = [[ROW_NAMES[r], ", ".join(d["patched"]) or "(none)", ", ".join(d["pruned"]) or "-"]
+                 for r, d in results["dcm"].items()]
+    lines += [report.markdown_table(["", "patched components", "pruned after training"], mask_rows), "",
+              "Paper: 9 heads and MLP 27 with both desiderata; a cluster of late MLPs with VD alone.", "",
+              f"Training: {results['n_train']} correct triples per desideratum, {results['n_val']} for validation; "
+              f"loss logit_diff, L0.5 penalty lambda={cfg['lam']}, lr={cfg['lr']}, {cfg['epochs']} epochs, "
+              f"{cfg['parameterization']} weights from init={cfg['init']}, VD and OI steps alternating.", "",
+              "Plots: `table1_accuracy.png` (this run), `paper_table1_accuracy.png`, `mask_<row>.png` and "
+              "`weights_<row>.png` (layer x head, last column the MLP). Every number is in `results.json` with the "
+              f"config that produced it. Run time {results['seconds']} s.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
