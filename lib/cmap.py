@@ -7,13 +7,17 @@ receiver. Values move to the receiving layer's device and dtype inside `write_bl
 """
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import random
 from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from lib.data_gen import EncodedBatch, Prompt, encode_batch
+from lib.components import Component
+from lib.data_gen import EncodedBatch, Prompt, encode_batch, random_entity_prompt
 from lib.models import ModelHandle
 from lib.patching import Site, check_sites, clean_logits, collect, order_sites, patched_logits
 
@@ -109,3 +113,58 @@ def with_every_position(batch: EncodedBatch) -> EncodedBatch:
     size, width = batch.input_ids.shape
     extra = {f"token_{j}": torch.full((size,), j, dtype=torch.long) for j in range(width)}
     return EncodedBatch(batch.input_ids, batch.attention_mask, {**batch.positions, **extra}, batch.answer_ids)
+
+
+def toy_entity_groups(n_boxes: int = 7) -> dict[str, list[Site]]:
+    """Head groups of the toy entity models' mechanism (docs/TOY_MODELS.md), each at the positions it works at,
+    plus controls at positions where the mechanism does not run."""
+    def heads(layer, *ids):
+        return [Component(layer, h) for h in (ids or (0, 1))]
+
+    def at(components, positions):
+        return [Site(c, p) for c in components for p in positions]
+
+    labels = [f"label_{i}" for i in range(n_boxes)]
+    circuit = at(heads(0), labels) + at(heads(1), ["query_label"]) + at(heads(2), ["last"])
+    return {
+        "binding L0H0+L0H1 @ box labels": at(heads(0), labels),
+        "binding head L0H1 @ box labels": at(heads(0, 1), labels),
+        "L0H1 @ prev_query_label (queried box only)": at(heads(0, 1), ["prev_query_label"]),
+        "L0H0 @ box labels": at(heads(0, 0), labels),
+        "label matching L1H0+L1H1 @ query_label": at(heads(1), ["query_label"]),
+        "mover L2H0+L2H1 @ last": at(heads(2), ["last"]),
+        "circuit (the three above, each at its position)": circuit,
+        "control: L0H0+L0H1 @ last": at(heads(0), ["last"]),
+        "control: L0H0+L0H1 @ query_label": at(heads(0), ["query_label"]),
+        "control: MLP0 @ box labels": at([Component(0)], labels),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure CMAP of the toy entity models (base <- fine-tuned), the table of docs/CMAP.md."""
+    from lib.models import load_model
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--receiver", default="toy:entity-base", help="the model patched into (the base)")
+    parser.add_argument("--donor", default="toy:entity-ft", help="the model the head outputs come from")
+    parser.add_argument("--boxes", type=int, default=7, help="boxes per prompt")
+    parser.add_argument("--n", type=int, default=500, help="random prompts")
+    parser.add_argument("--seed", type=int, default=2024, help="prompt seed")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--json", help="also write the results (with this config) to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    receiver, donor = load_model(args.receiver), load_model(args.donor)
+    rng = random.Random(args.seed)
+    prompts = [random_entity_prompt(rng, args.boxes) for _ in range(args.n)]
+    result = cmap_accuracy(receiver, donor, prompts, toy_entity_groups(args.boxes), args.batch_size)
+    lines = ["| patched from the donor | accuracy |", "|---|---|"]
+    lines += [f"| {name} | {acc:.3f} |" for name, acc in result.items()]
+    log.info("CMAP table:\n%s", "\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "accuracy": result}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
