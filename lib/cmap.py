@@ -61,7 +61,7 @@ def cross_model_patch(
     return patched_logits(receiver, batch, sites, collect(donor, batch, sites))
 
 
-def _accuracy(logits: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
+def _hits(logits: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
     return (logits.argmax(-1).cpu() == batch.answer_ids.cpu()).sum()
 
 
@@ -90,11 +90,11 @@ def cmap_accuracy(
         batch = encode_batch(list(prompts[start:start + batch_size]), receiver.tokenizer)
         for name, sites in groups.items():
             check_sites(receiver, sites, batch)
-        hits["none"] += _accuracy(clean_logits(receiver, batch), batch)
-        hits["donor"] += _accuracy(clean_logits(donor, batch), batch)
+        hits["none"] += _hits(clean_logits(receiver, batch), batch)
+        hits["donor"] += _hits(clean_logits(donor, batch), batch)
         values = collect(donor, batch, union) if union else {}
         for name, sites in groups.items():
-            hits[name] += _accuracy(patched_logits(receiver, batch, sites, values), batch)
+            hits[name] += _hits(patched_logits(receiver, batch, sites, values), batch)
     result = {name: float(h) / len(prompts) for name, h in hits.items()}
     log.info("CMAP %s -> %s on %d prompts: %s", donor.name, receiver.name, len(prompts),
              ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
