@@ -44,8 +44,9 @@ def sites_at(components: Iterable[Component], position: str = "last") -> list[Si
 
 def order_sites(sites: Iterable[Site]) -> list[Site]:
     """Execution order: by layer, heads before the layer's MLP."""
+    sites = set(sites)  # read twice below: a generator would be empty the second time
     order = {c: i for i, c in enumerate(execution_order(s.component for s in sites))}
-    return sorted(set(sites), key=lambda s: (order[s.component], s.position))
+    return sorted(sites, key=lambda s: (order[s.component], s.position))
 
 
 def check_sites(handle: ModelHandle, sites: Sequence[Site], batch: EncodedBatch | None = None) -> None:
