@@ -11,7 +11,6 @@ import json
 import logging
 import random
 
-import nnsight
 import torch
 from tqdm.auto import tqdm
 
@@ -36,13 +35,6 @@ def accuracy(handle: ModelHandle, n_boxes: int, n: int = 500, seed: int = 0) -> 
     rng = random.Random(seed)
     batch = encode_batch([random_entity_prompt(rng, n_boxes) for _ in range(n)], handle.tokenizer)
     return float((predictions(handle, batch) == batch.answer_ids).float().mean())
-
-
-def head_rows(handle: ModelHandle, batch: EncodedBatch) -> list[torch.Tensor]:
-    """Every layer's head outputs (the input of the attention output projection): [layer] -> (batch, seq, heads*D)."""
-    with torch.no_grad(), handle.trace(batch.inputs()):
-        rows = nnsight.save([handle.arch.attn_out(handle.model, layer).input for layer in range(handle.arch.n_layers)])
-    return rows
 
 
 def triple_batches(handle: ModelHandle, desideratum: str, n: int, seed: int,
@@ -75,16 +67,9 @@ def cross_model_patch(
     receiver: ModelHandle, donor: ModelHandle, batch: EncodedBatch, component: Component, position: str = "last"
 ) -> torch.Tensor:
     """Predictions of `receiver` with one head's output at `position` taken from `donor` on the same input."""
-    donor_rows = head_rows(donor, batch)
-    rows, pos = torch.arange(batch.input_ids.shape[0]), batch.positions[position]
-    cols = receiver.arch.head_slice(component.head)
-    with torch.no_grad(), receiver.trace(batch.inputs()):
-        module = receiver.arch.attn_out(receiver.model, component.layer)
-        x = module.input.clone()
-        x[rows, pos, cols] = donor_rows[component.layer][rows, pos, cols]
-        module.input = x
-        logits = receiver.arch.unembed(receiver.model).output[:, -1].save()
-    return logits.argmax(-1)
+    from lib import cmap
+
+    return cmap.cross_model_patch(receiver, donor, batch, [Site(component, position)]).argmax(-1)
 
 
 # Where each circuit head does its work (a site where mean-ablating it should break the model).
