@@ -170,6 +170,9 @@ def render_report(results: dict) -> str:
     def rows(table: dict) -> list[list]:
         return [[ROW_NAMES[r], *[f"{table[r][d]:.0%}" for d in COLUMNS], table[r]["n_patched"]] for r in ROW_NAMES]
 
+    def counts(n: dict) -> str:
+        return ", ".join(f"{n[d]} {COLUMN_NAMES[d].split(' acc')[0]}" for d in n)
+
     cfg = results["config"]
     lines = [f"# Variable binding on {results['model']}", "",
              "Davies et al. (2023), Table 1: DCM over every head and every MLP at the last token. VD = value "
@@ -184,7 +187,8 @@ def render_report(results: dict) -> str:
                  for r, d in results["dcm"].items()]
     lines += [report.markdown_table(["", "patched components", "pruned after training"], mask_rows), "",
               "Paper: 9 heads and MLP 27 with both desiderata; a cluster of late MLPs with VD alone.", "",
-              f"Training: {results['n_train']} correct triples per desideratum, {results['n_val']} for validation; "
+              f"Training: {counts(results['n_train'])} triples the model answers correctly (original and "
+              f"alternate), {counts(results['n_val'])} for validation; "
               f"loss logit_diff, L0.5 penalty lambda={cfg['lam']}, lr={cfg['lr']}, {cfg['epochs']} epochs, "
               f"{cfg['parameterization']} weights from init={cfg['init']}, VD and OI steps alternating.", "",
               "Plots: `table1_accuracy.png` (this run), `paper_table1_accuracy.png`, `mask_<row>.png` and "
