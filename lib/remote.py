@@ -252,8 +252,6 @@ def _builtin_dir(name: str) -> Path:
 
 def check(path: str, host: str, timeout: float) -> float:
     """Until `timeout`: one remote trace of `path`; its logits must equal a local run. Returns the seconds it took."""
-    import torch
-
     from lib.models import load_model
 
     local = load_model(path)

@@ -18,16 +18,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from lib import report  # noqa: E402
+from lib import cli, report  # noqa: E402
 from lib.components import all_components  # noqa: E402
 from lib.data_gen import (  # noqa: E402
     ENTITY_DESIDERATA, answers_correct, encode_batch, entity_triples, filter_correct, random_entity_prompt,
 )
-from lib.mask_intervention import DCMConfig, evaluate_mask, lambda_sweep, train_mask  # noqa: E402
-from lib.models import load_model  # noqa: E402
+from lib.mask_intervention import evaluate_mask, lambda_sweep, train_mask  # noqa: E402
 from lib.patching import collect, patched_logits, sites_at  # noqa: E402
 
 log = logging.getLogger("entity_tracking")
@@ -37,25 +35,15 @@ POSITIONS = ("last", "query_label", "prev_query_label")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="HF id, local save_pretrained dir, or built-in (planted:strong, planted:weak, toy:...)")
-    p.add_argument("--remote", action="store_true", help="run every trace on NDIF (NDIF_HOST, NDIF_API_KEY)")
-    p.add_argument("--device-map", default=None, help='e.g. "auto" to shard over local GPUs with accelerate')
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+    cli.add_model_args(p, DEFAULT_MODEL, "toy:entity-base, toy:entity-ft, planted:strong, planted:weak, ...")
     p.add_argument("--n-boxes", type=int, default=7, help="boxes per prompt (the paper: 7)")
     p.add_argument("--n-train", type=int, default=128, help="DCM training triples per desideratum (paper: 1000)")
     p.add_argument("--n-eval", type=int, default=64, help="held-out triples per desideratum (paper: 500)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=4, help="DCM epochs (paper: 2 over 1000 examples)")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.01, help="DCM sparsity strength (paper: 0.01)")
-    p.add_argument("--lr", type=float, default=0.05, help="DCM Adam learning rate (paper: 0.01 over more steps)")
-    p.add_argument("--parameterization", default="clamp", choices=["clamp", "sigmoid", "hard_concrete"],
-                   help="clamp = the papers' recipe; the others learn where its gradients vanish")
+    cli.add_dcm_args(p, lam=0.01, lam_help="paper: 0.01")
     p.add_argument("--positions", default=",".join(POSITIONS), help="token positions to patch heads at")
     p.add_argument("--desiderata", default=",".join(ENTITY_DESIDERATA), help="subset of object,label,position")
     p.add_argument("--no-scan", action="store_true", help="skip the per-head activation-patching scan")
     p.add_argument("--sweep", default="", help="comma-separated lambdas: also plot mask size and accuracy per lambda")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/entity_tracking"), help="output directory")
     return p.parse_args(argv)
 
@@ -85,12 +73,7 @@ def head_grid(arch, sites, values, position):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.manual_seed(args.seed)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    handle = load_model(args.model, device_map=args.device_map, dtype=args.dtype, remote=args.remote)
+    handle, out, started = cli.start_run(args)
     arch = handle.arch
     tok = handle.tokenizer
     desiderata = [d.strip() for d in args.desiderata.split(",") if d.strip()]
@@ -126,8 +109,7 @@ def main(argv=None) -> dict:
         results["patching_scan"] = {d: {str(s): float(v) for s, v in zip(sites, scan[d])} for d in desiderata}
 
     # 3. DCM per desideratum, evaluated on every desideratum
-    config = DCMConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                       parameterization=args.parameterization, seed=args.seed)
+    config = cli.dcm_config(args)
     results["dcm"] = {}
     for d in desiderata:
         log.info("DCM on the %s desideratum (%d train triples, %d sites)", d, len(train[d]), len(sites))

@@ -19,14 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from lib import report  # noqa: E402
+from lib import cli, report  # noqa: E402
 from lib.components import all_components  # noqa: E402
 from lib.data_gen import filter_correct  # noqa: E402
 from lib.data_gen_vb import VB_DESIDERATA, vb_triples  # noqa: E402
-from lib.mask_intervention import DCMConfig, evaluate_mask, train_mask  # noqa: E402
-from lib.models import load_model  # noqa: E402
+from lib.mask_intervention import evaluate_mask, train_mask  # noqa: E402
 from lib.patching import sites_at  # noqa: E402
 from lib.toy import varbind_table1  # noqa: E402
 
@@ -52,29 +50,15 @@ EVAL_SEED_OFFSET = 1000  # held-out triples come from seed + 1000, training from
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="HF id, local save_pretrained dir, or built-in (toy:varbind, ...)")
-    p.add_argument("--remote", action="store_true", help="run every trace on NDIF (NDIF_HOST, NDIF_API_KEY)")
-    p.add_argument("--device-map", default=None, help='e.g. "auto" to shard over local GPUs with accelerate')
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+    cli.add_model_args(p, DEFAULT_MODEL, "toy:varbind, ...")
     p.add_argument("--n-train", type=int, default=256,
                    help="DCM training triples per desideratum, before keeping those the model answers correctly")
     p.add_argument("--n-eval", type=int, default=500, help="held-out triples per Table 1 column (paper: held-out set)")
     p.add_argument("--n-val", type=int, default=None,
                    help="validation triples per desideratum for choosing and pruning the mask (default n-train/4)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=4, help="DCM epochs over the training triples")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.03,
-                   help="DCM L0.5 sparsity strength (paper: 0.03)")
-    p.add_argument("--lr", type=float, default=0.05, help="DCM Adam learning rate (paper: 0.01 over more steps)")
-    p.add_argument("--parameterization", default="clamp", choices=["clamp", "sigmoid", "hard_concrete"],
-                   help="clamp = the paper's recipe; the others learn where its gradients vanish")
-    p.add_argument("--init", default="half", choices=["ones", "half", "random"],
-                   help="initial weights; with clamp and L0.5, 'ones' stays at 1 (the penalty's gradient there is "
-                        "0.5/sqrt(eps) and the clamp holds it) and patches nothing")
+    cli.add_dcm_args(p, lam=0.03, lam_help="L0.5; paper: 0.03", init="half")
     p.add_argument("--no-prune", action="store_true",
                    help="keep every site of the selected mask (default: drop sites validation does not need)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/variable_binding"), help="output directory")
     return p.parse_args(argv)
 
@@ -96,12 +80,7 @@ def mask_grid(arch, sites, weights) -> np.ndarray:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.manual_seed(args.seed)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    handle = load_model(args.model, device_map=args.device_map, dtype=args.dtype, remote=args.remote)
+    handle, out, started = cli.start_run(args)
     arch = handle.arch
     sites = sites_at(all_components(arch), "last")
     log.info("model %s: %d layers x %d heads; %d sites (every head and MLP at the last token)",
@@ -132,9 +111,7 @@ def main(argv=None) -> dict:
                "table1": {"original": {**original, "n_patched": 0}}, "dcm": {}}
 
     # 2. + 3. DCM with the incomplete and the full desiderata, each binary mask on every held-out column
-    config = DCMConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                       loss="logit_diff", penalty="l0.5", combine="alternate",
-                       parameterization=args.parameterization, init=args.init, prune=not args.no_prune, seed=args.seed)
+    config = cli.dcm_config(args, loss="logit_diff", penalty="l0.5", combine="alternate", prune=not args.no_prune)
     for row, desiderata in MASKS.items():
         log.info("DCM, %s: trained on %s", ROW_NAMES[row], ", ".join(desiderata))
         result = train_mask(handle, {d: train[d] for d in desiderata}, {d: val[d] for d in desiderata}, sites, config)
