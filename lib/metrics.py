@@ -140,7 +140,7 @@ def ablated_logits(
         raise ValueError("give either keep (the circuit) or ablate (the sites to remove), not both")
     width = check_same_length([batch])
     named = [s.position for s in (keep if keep is not None else ablate)]
-    out = torch.empty(batch.input_ids.shape[0], 0)
+    out: torch.Tensor | None = None
     for group, index, idx in fixed_groups(batch, named):
         group = with_token_positions(group)
         if keep is not None:
@@ -151,7 +151,7 @@ def ablated_logits(
         size = group.input_ids.shape[0]
         values = {s.row_key: means[s.row_key].expand(size, -1) for s in sites}
         logits = patched_logits(handle, group, sites, values) if sites else clean_logits(handle, group)
-        if out.shape[1] == 0:
+        if out is None:
             out = torch.empty(batch.input_ids.shape[0], logits.shape[-1], dtype=logits.dtype)
         out[idx] = logits.cpu()
     return out

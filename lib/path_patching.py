@@ -121,7 +121,7 @@ def path_patch(
                     bar.update()
                     continue
                 out = _run_a(handle, group, s_abs, recv, clean, noised, width)
-                logits = out if not recv else patched_logits(handle, group, recv, {k: v for k, v in out.items()})
+                logits = out if not recv else patched_logits(handle, group, recv, out)
                 p_patch = answer_prob(logits, group.answer_ids)
                 totals[sender] += float(((p_patch - p_org) / p_org.clamp_min(1e-12)).sum())
                 bar.update()
