@@ -101,20 +101,6 @@ def cmap_accuracy(
     return result
 
 
-def with_every_position(batch: EncodedBatch) -> EncodedBatch:
-    """The batch with one more named position per token column ("token_0", "token_1", ...).
-
-    With them a Site can address every token, e.g. to patch a component everywhere. Left padding would put some
-    examples' padding in a column, so the prompts must all have the same length.
-    """
-    if not bool(batch.attention_mask.all()):
-        raise ValueError("with_every_position needs prompts of one token length (no padding): "
-                         "group the prompts by length first")
-    size, width = batch.input_ids.shape
-    extra = {f"token_{j}": torch.full((size,), j, dtype=torch.long) for j in range(width)}
-    return EncodedBatch(batch.input_ids, batch.attention_mask, {**batch.positions, **extra}, batch.answer_ids)
-
-
 def toy_entity_groups(n_boxes: int = 7) -> dict[str, list[Site]]:
     """Head groups of the toy entity models' mechanism (docs/TOY_MODELS.md), each at the positions it works at,
     plus controls at positions where the mechanism does not run."""

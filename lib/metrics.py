@@ -26,26 +26,12 @@ import torch
 from lib.components import Component
 from lib.data_gen import EncodedBatch
 from lib.models import ModelHandle
-from lib.patching import Activations, Site, clean_logits, mean_activations, patched_logits
+from lib.patching import (
+    Activations, Site, clean_logits, is_token_position, mean_activations, patched_logits, with_token_positions,
+)
+from lib.patching import token_position as tok
 
 log = logging.getLogger(__name__)
-
-
-def tok(i: int) -> str:
-    """Name of the absolute token index i as a position."""
-    return f"t{i}"
-
-
-def is_token_position(name: str) -> bool:
-    return name.startswith("t") and name[1:].isdigit()
-
-
-def with_token_positions(batch: EncodedBatch) -> EncodedBatch:
-    """The same batch with positions "t0".."t{width-1}" added (the absolute index, the same for every example)."""
-    size, width = batch.input_ids.shape
-    positions = dict(batch.positions)
-    positions.update({tok(i): torch.full((size,), i, dtype=torch.long) for i in range(width)})
-    return EncodedBatch(batch.input_ids, batch.attention_mask, positions, batch.answer_ids)
 
 
 def check_same_length(batches: Sequence[EncodedBatch]) -> int:

@@ -38,6 +38,27 @@ class Site:
         return (self.component.kind, self.component.layer, self.position)
 
 
+def token_position(index: int) -> str:
+    """Name of the absolute token index `index` as a position ("t0", "t1", ...)."""
+    return f"t{index}"
+
+
+def is_token_position(name: str) -> bool:
+    return name.startswith("t") and name[1:].isdigit()
+
+
+def with_token_positions(batch: EncodedBatch) -> EncodedBatch:
+    """The batch with one named position per token column ("t0".."t{width-1}"), so a Site can address any token.
+
+    An absolute index means the same token in every example only without padding: prompts of one length.
+    """
+    if not bool(batch.attention_mask.all()):
+        raise ValueError("token positions need prompts of one token length (no padding): group the prompts by length")
+    size, width = batch.input_ids.shape
+    extra = {token_position(i): torch.full((size,), i, dtype=torch.long) for i in range(width)}
+    return EncodedBatch(batch.input_ids, batch.attention_mask, {**batch.positions, **extra}, batch.answer_ids)
+
+
 def sites_at(components: Iterable[Component], position: str = "last") -> list[Site]:
     return [Site(c, position) for c in components]
 

@@ -32,9 +32,11 @@ from tqdm.auto import tqdm
 
 from lib.components import Component
 from lib.data_gen import EncodedBatch
-from lib.metrics import absolute, answer_prob, check_same_length, fixed_groups, head_sites, with_token_positions
+from lib.metrics import absolute, answer_prob, check_same_length, fixed_groups, head_sites
 from lib.models import ModelHandle
-from lib.patching import Site, clean_logits, collect, last_logits, patched_logits, read_rows, write_blends
+from lib.patching import (
+    Site, clean_logits, collect, last_logits, patched_logits, read_rows, with_token_positions, write_blends,
+)
 
 log = logging.getLogger(__name__)
 

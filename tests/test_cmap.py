@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from lib import planted, toy
-from lib.cmap import (IncompatibleModels, check_compatible, cmap_accuracy, cross_model_patch, toy_entity_groups,
-                      with_every_position)
+from lib.cmap import IncompatibleModels, check_compatible, cmap_accuracy, cross_model_patch, toy_entity_groups
 from lib.components import Component, all_components
 from lib.data_gen import encode_batch, random_entity_prompt
 from lib.models import load_model
-from lib.patching import Site, clean_logits
+from lib.patching import Site, clean_logits, is_token_position, with_token_positions
 
 
 def _prompts(n: int, n_boxes, seed: int):
@@ -67,8 +66,8 @@ def _hybrid_receiver():
 def test_patching_every_head_and_mlp_at_every_token_gives_the_donors_logits(models):
     donor, plain_base = models("toy:entity-ft"), models("toy:entity-base")
     receiver = _hybrid_receiver()
-    batch = with_every_position(encode_batch(_prompts(16, 7, seed=3), donor.tokenizer))
-    columns = [p for p in batch.positions if p.startswith("token_")]
+    batch = with_token_positions(encode_batch(_prompts(16, 7, seed=3), donor.tokenizer))
+    columns = [p for p in batch.positions if is_token_position(p)]
     assert len(columns) == batch.input_ids.shape[1]
     sites = [Site(c, p) for p in columns for c in all_components(receiver.arch)]
     target = clean_logits(donor, batch)
@@ -106,7 +105,7 @@ def test_incompatible_models_and_bad_requests_raise_clear_errors(models):
     with pytest.raises(ValueError, match="position 'nowhere' is not defined"):
         cmap_accuracy(base, ft, _prompts(4, 3, seed=0), {"g": [Site(Component(0, 0), "nowhere")]})
     with pytest.raises(ValueError, match="one token length"):
-        with_every_position(encode_batch(_prompts(4, (3, 4), seed=0), base.tokenizer))
+        with_token_positions(encode_batch(_prompts(4, (3, 4), seed=0), base.tokenizer))
 
 
 def test_toy_fine_tune_improves_the_binding_step_and_controls_change_little(models):
