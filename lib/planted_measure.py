@@ -18,16 +18,14 @@ from lib import planted
 from lib.components import Component, all_components
 from lib.data_gen import ENTITY_DESIDERATA, EncodedBatch, encode_batch, entity_triples, random_entity_prompt
 from lib.models import ModelHandle, load_model
-from lib.patching import Site, collect, mean_ablate, mean_activations, patched_logits
+from lib.patching import Site, clean_logits, collect, mean_ablate, mean_activations, patched_logits
 
 POSITIONS = ("last", "query_label", "prev_query_label")
 
 
 def predictions(handle: ModelHandle, batch: EncodedBatch) -> torch.Tensor:
     """Argmax token at the last position."""
-    with torch.no_grad(), handle.trace(batch.inputs()):
-        logits = handle.arch.unembed(handle.model).output[:, -1].save()
-    return logits.argmax(-1)
+    return clean_logits(handle, batch).argmax(-1)
 
 
 def accuracy(handle: ModelHandle, n_boxes: int, n: int = 500, seed: int = 0) -> float:

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from lib.data_gen import LABELS, OBJECTS, encode_batch, random_entity_prompt
+from lib.data_gen import LABELS, OBJECTS, answers_correct, encode_batch, random_entity_prompt
+from lib.patching import clean_logits
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,8 @@ def varbind_tasks(ops: str, n: int = N_EVAL, seed: int = EVAL_SEED) -> list:
 
 def accuracy(handle, prompts: list, batch_size: int = 250) -> float:
     """Share of prompts whose last-position argmax is the answer token, measured with nnsight traces."""
-    correct = 0
-    for start in range(0, len(prompts), batch_size):
-        batch = encode_batch(prompts[start:start + batch_size], handle.tokenizer)
-        with torch.no_grad(), handle.trace(batch.inputs()):
-            logits = handle.arch.unembed(handle.model).output.save()
-        correct += int((logits[:, -1].argmax(-1) == batch.answer_ids).sum())
-    return correct / len(prompts)
+    correct = answers_correct(handle, prompts, batch_size=batch_size)
+    return sum(correct) / len(correct)
 
 
 def evaluate(handle, name: str, n: int = N_EVAL, seed: int = EVAL_SEED) -> dict[str, float]:
@@ -136,9 +132,7 @@ def varbind_table1(handle, n: int = N_EVAL, seed: int = EVAL_SEED) -> dict[str, 
     for desideratum in VB_DESIDERATA:
         triples = vb_triples(desideratum, n, seed=seed)
         batch = encode_batch([t.original for t in triples], handle.tokenizer, answers=[t.target for t in triples])
-        with torch.no_grad(), handle.trace(batch.inputs()):
-            logits = handle.arch.unembed(handle.model).output.save()
-        row[desideratum] = float((logits[:, -1].argmax(-1) == batch.answer_ids).float().mean())
+        row[desideratum] = float((clean_logits(handle, batch).argmax(-1) == batch.answer_ids).float().mean())
     return row
 
 
