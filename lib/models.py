@@ -57,15 +57,6 @@ class ModelHandle:
         """`lm.session`: remotely, every trace inside it travels as one request (use it as `with h.session():`)."""
         return self.lm.session(**self._run_kwargs())
 
-    def device_of_layer(self, layer: int) -> torch.device:
-        """Where a layer's weights live (sharded models put layers on different devices)."""
-        if self.remote:
-            return torch.device("cpu")
-        for param in self.arch.layer(self.lm._module, layer).parameters():
-            if param.device.type != "meta":
-                return param.device
-        return torch.device("cpu")
-
 
 def _inside_trace() -> bool:
     """True while an nnsight trace or session body runs (nnsight counts nesting per thread)."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lib.architectures import Architecture, UnsupportedArchitecture
-from lib.components import Component, all_components, by_layer, parse_components
+from lib.components import Component, all_components, by_layer, format_components, parse_components
 from lib.models import ModelLoadError, load_model
 from lib.random_models import random_model
 from tests.conftest import ARCHITECTURES, GQA
@@ -89,6 +89,7 @@ def test_component_names_round_trip():
     for name in ["L0H0", "L12H3", "MLP27", "L39H39"]:
         assert str(Component.parse(name)) == name
     assert parse_components("L1H2,MLP0") == [Component(1, 2), Component(0)]
+    assert format_components(parse_components("MLP1,L1H3,L0H1")) == "L0H1,L1H3,MLP1"  # execution order
     groups = by_layer(parse_components("MLP1,L1H3,L0H1,L1H0"))
     assert [str(c) for c in groups[1]["head"]] == ["L1H0", "L1H3"] and [str(c) for c in groups[1]["mlp"]] == ["MLP1"]
     with pytest.raises(ValueError, match="L<layer>H<head>"):
