@@ -1,11 +1,12 @@
-"""One DCM training step: this project's nnsight implementation against plain PyTorch hooks.
+"""One DCM training step: the library's own step (lib.mask_intervention.dcm_step) against plain PyTorch hooks.
 
-A step is what `lib.mask_intervention._optimise` does per batch: the traced forward with every site blended
-(`w * v_orig + (1 - w) * v_alt`), the task loss, its backward into the mask, the sparsity penalty's backward,
-one Adam update and the clamp to [0, 1]. The baseline does the same arithmetic with forward pre-hooks on each
-layer's attention output projection (the heads) and forward hooks on each MLP, on a second copy of the model
-with the same weights that nnsight never wrapped. Before timing, both must give the same loss and gradient, so
-the ratio compares equal work. Timing alternates the two (A B, then B A, ...) after a warm-up.
+A step is what `lib.mask_intervention._optimise` does per batch, by calling `dcm_step`: the traced forward with
+every site blended (`w * v_orig + (1 - w) * v_alt`), the task loss, its backward into the mask, the sparsity
+penalty's backward, one Adam update and the clamp to [0, 1]. The baseline does the same arithmetic with the
+project's plain-hook reference (bench/plain_hooks.py: one pre-hook per attention output projection, one hook per
+MLP) on a second copy of the model with the same weights that nnsight never wrapped. Before timing, both must give
+the same loss and gradient, so the ratio compares equal work. Timing alternates the two (A B, then B A, ...) after
+a warm-up.
 
     python -m bench.dcm_step              # or `make bench` for every benchmark
 """
@@ -23,19 +24,19 @@ from datetime import datetime, timezone
 import torch
 from tqdm.auto import tqdm
 
-from lib.components import all_components
-from lib.data_gen import LABELS, OBJECTS, encode_batch, entity_triples
-from lib.mask_intervention import DCMConfig, Mask, PreparedBatch, backward_on_batch, prepare_batches
+from bench import plain_hooks
+from lib.builtin.random_models import random_model, task_tokenizer
+from lib.core.components import all_components
+from lib.data_gen import entity_triples
+from lib.mask_intervention import DCMConfig, Mask, Prepared, backward_on_batch, dcm_step, prepare_batches
 from lib.models import ModelHandle, load_model
-from lib.patching import Site, blend_plan, sites_at
-from lib.random_models import random_model
-from lib.tokenization import word_level_tokenizer
+from lib.patching import blend_plan, sites_at
+from lib.types import Site
 
 log = logging.getLogger(__name__)
 
 NAME = "dcm_step"
 TARGET_RATIO = 1.05
-WORDS = [*OBJECTS, *LABELS, "the", "is", "in", "box", "contains", ",", "."]
 
 
 @dataclass
@@ -43,9 +44,9 @@ class Setup:
     handle: ModelHandle            # nnsight-wrapped model
     plain: torch.nn.Module         # an unwrapped copy with the same weights
     sites: list[Site]
-    batch: PreparedBatch
-    plain_layers: dict            # _per_layer(): the hooked modules and column owners, built once like blend_plan
-    plain_values: dict[tuple[str, int], torch.Tensor]
+    prepared: Prepared             # the library's batch and cached alternate rows
+    plain_layers: dict             # plain_hooks.by_module(): the hooked modules' column owners, built once
+    plain_values: dict             # the alternate rows, captured with plain hooks
     config: DCMConfig
     description: dict
 
@@ -53,103 +54,24 @@ class Setup:
 def build(batch_size: int = 16, n_boxes: int = 7, n_layers: int = 12, n_heads: int = 12, d_model: int = 768,
           seed: int = 0) -> Setup:
     """A random Llama of GPT-2-small size, entity-tracking prompts, every head and MLP at the last position."""
-    tok = word_level_tokenizer(WORDS)
+    tok = task_tokenizer()
     sizes = dict(vocab_size=len(tok), n_layers=n_layers, n_heads=n_heads, d_model=d_model, seed=seed)
     handle = load_model(random_model("llama", **sizes), tokenizer=tok)
     plain = random_model("llama", **sizes)
     sites = sites_at(all_components(handle.arch))
     triples = entity_triples("object", batch_size, n_boxes=n_boxes, seed=seed, tokenizer=tok)
-    pb = prepare_batches(handle, triples, sites, batch_size)[0]
-    alternate = encode_batch([t.alternate for t in triples], tok)
-    plain_layers = _per_layer(plain, handle, sites)
-    plain_values = _capture(plain, plain_layers, alternate, sites)
+    prepared = prepare_batches(handle, triples, sites, batch_size)[0]
+    plain_values = plain_hooks.capture(plain, handle.arch, prepared[0].alternate, sites)
     n_params = sum(p.numel() for p in plain.parameters())
     description = {
         "model": f"random llama, {n_layers} layers, {n_heads} heads, d_model {d_model}, vocab {len(tok)} "
                  f"(word-level tokenizer), {n_params / 1e6:.1f}M parameters",
         "batch": f"{batch_size} entity-tracking prompts ({n_boxes} boxes, 'object' desideratum), "
-                 f"{pb.original.input_ids.shape[1]} tokens",
+                 f"{prepared[0].original.width} tokens",
         "sites": f"{len(sites)} (every head and MLP at the last position)",
     }
-    return Setup(handle, plain, sites, pb, plain_layers, plain_values, DCMConfig(), description)
-
-
-# ---- the plain-hook implementation ----------------------------------------------------------------------------
-
-def _per_layer(plain: torch.nn.Module, handle: ModelHandle, sites: list[Site]):
-    """{layer: (o_proj, mlp, per-column site index of the heads or None, MLP site index or None)}; -1 = no site."""
-    arch = handle.arch
-    out = {}
-    for i, site in enumerate(sites):
-        comp = site.component
-        o_proj, mlp, cols, mlp_i = out.get(comp.layer, (arch.attn_out(plain, comp.layer), arch.mlp(plain, comp.layer),
-                                                        None, None))
-        if comp.is_head:
-            if cols is None:
-                cols = torch.full((arch.n_heads * arch.head_dim,), -1, dtype=torch.long)
-            cols[arch.head_slice(comp.head)] = i
-        else:
-            mlp_i = i
-        out[comp.layer] = (o_proj, mlp, cols, mlp_i)
-    return out
-
-
-def _positions(batch, sites: list[Site]) -> torch.Tensor:
-    names = {s.position for s in sites}
-    if len(names) != 1:
-        raise ValueError("the plain baseline handles one position name for all sites")
-    return batch.positions[names.pop()]
-
-
-def _capture(plain, layers: dict, batch, sites) -> dict[tuple[str, int], torch.Tensor]:
-    """Rows (batch, width) of the heads' o_proj input and the MLP output at the sites' position, no gradient."""
-    rows, pos = torch.arange(batch.input_ids.shape[0]), _positions(batch, sites)
-    captured, hooks = {}, []
-    for layer, (o_proj, mlp, cols, mlp_i) in layers.items():
-        if cols is not None:
-            hooks.append(o_proj.register_forward_pre_hook(
-                lambda m, args, layer=layer: captured.__setitem__(("head", layer), args[0][rows, pos].clone())))
-        if mlp_i is not None:
-            hooks.append(mlp.register_forward_hook(
-                lambda m, args, out, layer=layer: captured.__setitem__(("mlp", layer), out[rows, pos].clone())))
-    try:
-        with torch.no_grad():
-            _forward(plain, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
-
-
-def _forward(plain, batch) -> torch.Tensor:
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return plain(**batch.inputs(), position_ids=position_ids).logits[:, -1]
-
-
-def plain_logits(plain, layers: dict, batch, sites, values, weights: torch.Tensor) -> torch.Tensor:
-    """Last-position logits with every site blended, through one hook per o_proj / MLP (`layers`: _per_layer)."""
-    rows, pos = torch.arange(batch.input_ids.shape[0]), _positions(batch, sites)
-    padded = torch.cat([weights, torch.ones(1)])   # index -1 -> 1 (column left alone)
-
-    def blend(x, w, value):
-        new = x.clone()
-        new[rows, pos] = w * x[rows, pos] + (1 - w) * value
-        return new
-
-    hooks = []
-    for layer, (o_proj, mlp, cols, mlp_i) in layers.items():
-        if cols is not None:
-            w_cols = padded[cols]
-            hooks.append(o_proj.register_forward_pre_hook(
-                lambda m, args, w=w_cols, v=values[("head", layer)]: (blend(args[0], w, v),)))
-        if mlp_i is not None:
-            hooks.append(mlp.register_forward_hook(
-                lambda m, args, out, w=weights[mlp_i], v=values[("mlp", layer)]: blend(out, w, v)))
-    try:
-        return _forward(plain, batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    return Setup(handle, plain, sites, prepared, plain_hooks.by_module(handle.arch, sites), plain_values,
+                 DCMConfig(), description)
 
 
 def plain_loss(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
@@ -160,7 +82,7 @@ def plain_loss(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
 # ---- the two steps --------------------------------------------------------------------------------------------
 
 class Trainer:
-    """A mask and its Adam optimizer; `step()` is one DCM update (as in mask_intervention._optimise)."""
+    """A mask and its Adam optimizer; `step()` is one DCM update: the library's dcm_step, or the same with hooks."""
 
     def __init__(self, setup: Setup, use_nnsight: bool, init: str = "random"):
         self.s, self.use_nnsight = setup, use_nnsight
@@ -170,17 +92,24 @@ class Trainer:
         self.plan = blend_plan(setup.handle, setup.sites)
 
     def loss_and_backward(self) -> float:
+        """The forward, loss and backward alone (for the equal-work check)."""
         s, cfg = self.s, self.s.config
         weights = self.mask()
         if self.use_nnsight:
-            return backward_on_batch(s.handle, s.batch, s.sites, weights, cfg.loss, self.plan)
-        logits = plain_logits(s.plain, s.plain_layers, s.batch.original, s.sites, s.plain_values, weights)
-        loss = plain_loss(logits, s.batch.target_ids)
+            return backward_on_batch(s.handle, s.prepared, s.sites, weights, cfg.loss, self.plan)
+        batch = s.prepared[0]
+        logits = plain_hooks.blended_logits(s.plain, s.handle.arch, batch.original, s.sites, weights,
+                                            s.plain_values, s.plain_layers)
+        loss = plain_loss(logits, batch.target_ids)
         loss.backward()
         return float(loss.detach())
 
     def step(self) -> float:
         cfg = self.s.config
+        if self.use_nnsight:
+            losses, _ = dcm_step(self.s.handle, self.mask, self.optimizer, [self.s.prepared], self.s.sites, cfg,
+                                 self.plan)
+            return next(iter(losses.values()))
         self.optimizer.zero_grad()
         loss = self.loss_and_backward()
         (cfg.lam * self.mask.penalty(cfg.penalty, cfg.eps)).backward()
@@ -191,9 +120,9 @@ class Trainer:
 
 def check_equal_work(setup: Setup, atol: float = 1e-4, rtol: float = 1e-4) -> dict:
     """Both implementations: same alternate rows, same loss, same gradient (from the same random weights)."""
+    ours_rows = setup.prepared[1]
     for key, value in setup.plain_values.items():
-        kind, layer = key
-        ours = setup.batch.values[(kind, layer, "last")]
+        ours = ours_rows[key]
         if not torch.allclose(ours, value, atol=1e-5, rtol=1e-5):
             raise AssertionError(f"alternate rows differ at {key}: max {float((ours - value).abs().max()):.3g}")
     a, b = Trainer(setup, True), Trainer(setup, False)

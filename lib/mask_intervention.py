@@ -3,7 +3,7 @@
 Each site (component at a position) gets a weight w in [0, 1]; on the original prompt its output becomes
 `w * v_orig + (1 - w) * v_alt` (lib.patching.write_blends), all sites in one forward pass. A loss pulls the
 output toward each desideratum's target; a sparsity penalty on the patched amount (1 - w) keeps the set small.
-The whole optimisation runs inside one `handle.session()`, so remotely it is a single NDIF request.
+The whole optimisation runs in one `handle.in_one_request`, so remotely it is a single NDIF request.
 """
 from __future__ import annotations
 
@@ -13,20 +13,17 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-import nnsight
 import torch
 from tqdm.auto import tqdm
 
-from lib.data_gen import EncodedBatch, Triple, answer_token_id, encode_batch
-from lib.models import ModelHandle
-from lib.patching import Activations, Site, blend_plan, check_sites, collect, last_logits, write_blends
+from lib.core.handle import ModelHandle
+from lib.data.encoding import encode_pairs
+from lib.patching import blend_plan, check_sites, collect, last_logits, write_blends
+from lib.scores import target_hit
+from lib.types import (COMBINES, INITS, LOSSES, PARAMETERIZATIONS, PENALTIES, Activations, Combine, Init, Loss,
+                       PairBatch, Parameterization, Penalty, Site, Triple)
 
 log = logging.getLogger(__name__)
-
-LOSSES = ("target_logit", "logit_diff", "cross_entropy")
-PENALTIES = ("l1", "l0.5")
-PARAMETERIZATIONS = ("clamp", "sigmoid", "hard_concrete")
-INITS = ("ones", "half", "random")
 
 
 @dataclass
@@ -34,58 +31,48 @@ class DCMConfig:
     """Training settings. Defaults follow Prakash et al.; Davies et al. used penalty="l0.5", loss="logit_diff"."""
 
     lam: float = 0.01
-    penalty: str = "l1"
-    loss: str = "target_logit"
+    penalty: Penalty = "l1"
+    loss: Loss = "target_logit"
     lr: float = 0.01
     epochs: int = 2
     batch_size: int = 32
-    init: str = "ones"
-    parameterization: str = "clamp"   # the papers' recipe; "sigmoid" / "hard_concrete" learn where it stalls
-    combine: str = "sum"              # "sum" the desiderata's losses each step, or "alternate" step by step
+    init: Init = "ones"
+    parameterization: Parameterization = "clamp"   # the papers' recipe; the others learn where it stalls
+    combine: Combine = "sum"          # "sum" the desiderata's losses each step, or "alternate" step by step
     eval_every: int = 0               # steps between validations of the rounded mask; 0 = once per epoch
     prune: bool = True                # drop patched sites the held-out accuracy does not need
     seed: int = 0
     eps: float = 1e-6                 # keeps the L0.5 gradient finite at w = 1
 
     def check(self) -> None:
+        """Raise ValueError naming the field whose value is not one of its choices."""
         for name, value, allowed in [
             ("loss", self.loss, LOSSES), ("penalty", self.penalty, PENALTIES),
             ("parameterization", self.parameterization, PARAMETERIZATIONS), ("init", self.init, INITS),
-            ("combine", self.combine, ("sum", "alternate")),
+            ("combine", self.combine, COMBINES),
         ]:
             if value not in allowed:
                 raise ValueError(f"DCMConfig.{name}={value!r}; choose one of {', '.join(allowed)}")
 
 
-@dataclass
-class PreparedBatch:
-    """One batch of a desideratum, ready to train on: the alternate's rows are computed once, here."""
-
-    desideratum: str
-    original: EncodedBatch
-    target_ids: torch.Tensor
-    foil_ids: torch.Tensor            # the competing answer for the logit difference
-    values: Activations
+Prepared = tuple[PairBatch, Activations]
+"""A batch with the alternate's rows at the masked sites, computed once (the model is frozen, they never change)."""
 
 
 def prepare_batches(
     handle: ModelHandle, triples: Sequence[Triple], sites: Sequence[Site], batch_size: int
-) -> list[PreparedBatch]:
-    """Encode triples and run each alternate once (the model is frozen, so its rows never change)."""
-    tok = handle.tokenizer
+) -> list[Prepared]:
+    """Encode triples in chunks of `batch_size` and run each alternate once.
+
+    Returns:
+        [(PairBatch, {RowKey: (batch, width)} alternate rows)].
+    """
     out = []
     for start in range(0, len(triples), batch_size):
-        chunk = triples[start:start + batch_size]
-        original = encode_batch([t.original for t in chunk], tok)
-        alternate = encode_batch([t.alternate for t in chunk], tok)
-        check_sites(handle, sites, original)
-        check_sites(handle, sites, alternate)
-        targets = torch.tensor([answer_token_id(tok, t.target) for t in chunk])
-        foils = torch.tensor([
-            answer_token_id(tok, t.original.answer if t.target != t.original.answer else t.alternate.answer)
-            for t in chunk
-        ])
-        out.append(PreparedBatch(chunk[0].desideratum, original, targets, foils, collect(handle, alternate, sites)))
+        batch = encode_pairs(triples[start:start + batch_size], handle.tokenizer)
+        check_sites(handle, sites, batch.original)
+        check_sites(handle, sites, batch.alternate)
+        out.append((batch, collect(handle, batch.alternate, sites)))
     return out
 
 
@@ -158,15 +145,19 @@ class Mask(torch.nn.Module):
 
 @dataclass
 class DCMResult:
+    """What `train_mask` learned. The *selected* mask is the one kept (best rounded mask on validation, then
+    pruned); the *final* mask is the last step's rounded weights, recorded beside it."""
+
     sites: list[Site]
-    weights: list[float]              # final continuous weights (1 = not patched)
-    mask: list[int]                   # selected binary mask: best on validation, then pruned
-    patched: list[str]                # names of the patched sites of `mask`
-    val_accuracy: dict[str, float]
-    final_patched: list[str] = field(default_factory=list)   # the last step's rounded weights (w < 0.5)
+    weights: list[float]                     # final continuous weights (1 = not patched)
+    selected_mask: list[int]                 # 0 = patched, per site
+    selected_patched: list[str]              # names of the patched sites of selected_mask
+    selected_val_accuracy: dict[str, float]
+    final_mask: list[int] = field(default_factory=list)
+    final_patched: list[str] = field(default_factory=list)
     final_val_accuracy: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)   # per step: losses; per validation: accuracies
-    pruned: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)     # sites the selected mask lost to pruning
     config: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -176,29 +167,51 @@ class DCMResult:
 
 
 def backward_on_batch(
-    handle: ModelHandle, pb: PreparedBatch, sites: Sequence[Site], weights: torch.Tensor, loss_kind: str,
+    handle: ModelHandle, prepared: Prepared, sites: Sequence[Site], weights: torch.Tensor, loss_kind: str,
     plan: dict | None = None,
 ) -> float:
     """One traced forward with the blend, the task loss and its backward into `weights`; returns the loss."""
-    with handle.trace(pb.original.inputs()):
-        write_blends(handle, pb.original, sites, pb.values, weights, plan)
-        loss = task_loss(loss_kind, last_logits(handle), pb.target_ids, pb.foil_ids)
+    batch, values = prepared
+    with handle.trace(batch.original.inputs()):
+        write_blends(handle, batch.original, sites, values, weights, plan)
+        loss = task_loss(loss_kind, last_logits(handle), batch.target_ids, batch.foil_ids)
         loss.backward()
         value = loss.detach().save()
     return float(value)
 
 
+def dcm_step(
+    handle: ModelHandle, mask: Mask, optimizer: torch.optim.Optimizer, group: Sequence[Prepared],
+    sites: Sequence[Site], config: DCMConfig, plan: dict | None = None,
+) -> tuple[dict[str, float], float]:
+    """One DCM update: the blended forward, task loss and backward of each batch in `group`, the penalty's
+    backward, one optimizer step and the projection to [0, 1].
+
+    Returns:
+        ({desideratum: task loss}, penalty value).
+    """
+    optimizer.zero_grad()
+    stochastic = config.parameterization == "hard_concrete"
+    losses = {batch.desideratum: backward_on_batch(handle, (batch, values), sites, mask(stochastic), config.loss, plan)
+              for batch, values in group}
+    sparsity = config.lam * mask.penalty(config.penalty, config.eps)
+    sparsity.backward()
+    optimizer.step()
+    mask.project()
+    return losses, float(sparsity.detach())
+
+
 def accuracy_with_mask(
-    handle: ModelHandle, batches: Sequence[PreparedBatch], sites: Sequence[Site], weights: torch.Tensor
+    handle: ModelHandle, batches: Sequence[Prepared], sites: Sequence[Site], weights: torch.Tensor
 ) -> dict[str, float]:
     """Accuracy (argmax == target) per desideratum with the given weights blended in."""
     plan = blend_plan(handle, sites)
     correct: dict[str, list[float]] = {}
-    for pb in batches:
-        with torch.no_grad(), handle.trace(pb.original.inputs()):
-            write_blends(handle, pb.original, sites, pb.values, weights, plan)
-            hits = (last_logits(handle).argmax(-1) == pb.target_ids).float().save()
-        correct.setdefault(pb.desideratum, []).extend(hits.tolist())
+    for batch, values in batches:
+        with torch.no_grad(), handle.trace(batch.original.inputs()):
+            write_blends(handle, batch.original, sites, values, weights, plan)
+            hits = target_hit(last_logits(handle), batch).save()
+        correct.setdefault(batch.desideratum, []).extend(hits.tolist())
     return {name: sum(v) / len(v) for name, v in correct.items()}
 
 
@@ -206,25 +219,29 @@ def _mean(acc: dict[str, float]) -> float:
     return sum(acc.values()) / max(len(acc), 1)
 
 
-def _schedule(batches: list[PreparedBatch], combine: str, rng: random.Random) -> list[list[PreparedBatch]]:
+def _schedule(batches: list[Prepared], combine: str, rng: random.Random) -> list[list[Prepared]]:
     """One epoch of steps: each step is the batches whose losses are summed before one optimizer update."""
-    by_name: dict[str, list[PreparedBatch]] = {}
-    for pb in batches:
-        by_name.setdefault(pb.desideratum, []).append(pb)
+    by_name: dict[str, list[Prepared]] = {}
+    for prepared in batches:
+        by_name.setdefault(prepared[0].desideratum, []).append(prepared)
     for group in by_name.values():
         rng.shuffle(group)
     n_steps = max(len(g) for g in by_name.values())
     rounds = [[g[i % len(g)] for g in by_name.values()] for i in range(n_steps)]
     if combine == "sum":
         return rounds
-    return [[pb] for round_ in rounds for pb in round_]
+    return [[p] for round_ in rounds for p in round_]
 
 
 def prune_mask(
-    handle: ModelHandle, batches: Sequence[PreparedBatch], sites: Sequence[Site], mask: torch.Tensor,
+    handle: ModelHandle, batches: Sequence[Prepared], sites: Sequence[Site], mask: torch.Tensor,
     weights: torch.Tensor,
 ) -> tuple[torch.Tensor, list[str], dict[str, float]]:
-    """Greedily un-patch sites (weakest first) while the held-out accuracy does not drop."""
+    """Greedily un-patch sites (weakest first) while the held-out accuracy does not drop.
+
+    Returns:
+        (pruned binary mask, names of the sites un-patched, its accuracy per desideratum).
+    """
     mask = mask.clone()
     best = accuracy_with_mask(handle, batches, sites, mask)
     pruned = []
@@ -240,18 +257,18 @@ def prune_mask(
 
 def _optimise(
     handle: ModelHandle,
-    train_batches: list[PreparedBatch],
-    val_batches: list[PreparedBatch],
+    train_batches: list[Prepared],
+    val_batches: list[Prepared],
     sites: list[Site],
     config: DCMConfig,
-    rng: random.Random,
     progress: bool,
 ) -> dict:
-    """The training loop (run inside a session): Adam steps, projection, periodic validation of the rounded mask.
+    """The training loop (one request): Adam steps, projection, periodic validation of the rounded mask.
 
     Keeps the best rounded mask by mean validation accuracy; ties go to the one with fewer patched sites.
     Returned as one dict because only explicitly saved values leave an nnsight session.
     """
+    rng = random.Random(config.seed)
     mask = Mask(len(sites), config.parameterization, config.init, config.seed)
     optimizer = torch.optim.Adam(mask.parameters(), lr=config.lr)
     plan = blend_plan(handle, sites)
@@ -260,19 +277,12 @@ def _optimise(
     schedule = [_schedule(train_batches, config.combine, rng) for _ in range(config.epochs)]
     total = sum(len(s) for s in schedule)
     eval_every = config.eval_every or len(schedule[0])
-    stochastic = config.parameterization == "hard_concrete"
     step = 0
     with tqdm(total=total, desc=f"DCM lam={config.lam}", disable=not progress) as bar:
         for group in (g for epoch_steps in schedule for g in epoch_steps):
-            optimizer.zero_grad()
-            losses = {pb.desideratum: backward_on_batch(handle, pb, sites, mask(stochastic), config.loss, plan)
-                      for pb in group}
-            sparsity = config.lam * mask.penalty(config.penalty, config.eps)
-            sparsity.backward()
-            optimizer.step()
-            mask.project()
+            losses, penalty = dcm_step(handle, mask, optimizer, group, sites, config, plan)
             step += 1
-            history.append({"step": step, "loss": losses, "penalty": float(sparsity.detach()),
+            history.append({"step": step, "loss": losses, "penalty": penalty,
                             "n_patched": int((mask.binary() == 0).sum())})
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses.values()):.3f}", patched=history[-1]["n_patched"])
@@ -296,20 +306,28 @@ def train_mask(
     config: DCMConfig | None = None,
     progress: bool = True,
 ) -> DCMResult:
-    """Learn a mask over `sites` from desiderata {name: triples}; returns weights, binary mask and curves."""
+    """Learn a mask over `sites` from desiderata.
+
+    Args:
+        handle: the (frozen) model.
+        train, val: {desideratum: triples}; validation picks the rounded mask to keep and prunes it.
+        sites: the components at positions the mask covers.
+        config: DCMConfig (defaults: Prakash et al.'s loss and penalty).
+        progress: a progress bar over steps (off remotely, where the loop runs on the server).
+
+    Returns:
+        DCMResult: final continuous weights, the selected and the final binary masks, curves.
+    """
     config = config or DCMConfig()
     config.check()
     sites = list(sites)
     check_sites(handle, sites)
     if not train or not any(train.values()):
         raise ValueError("train_mask needs at least one desideratum with examples")
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    train_batches = [pb for name in train for pb in prepare_batches(handle, train[name], sites, config.batch_size)]
-    val_batches = [pb for name in val for pb in prepare_batches(handle, val[name], sites, config.batch_size)]
+    train_batches = [p for name in train for p in prepare_batches(handle, train[name], sites, config.batch_size)]
+    val_batches = [p for name in val for p in prepare_batches(handle, val[name], sites, config.batch_size)]
     progress = progress and not handle.remote  # on a server tqdm would stream back as status lines
-    with handle.session():  # remotely: the whole optimisation is one request; only `outcome` comes back
-        outcome = nnsight.save(_optimise(handle, train_batches, val_batches, sites, config, rng, progress))
+    outcome = handle.in_one_request(_optimise, train_batches, val_batches, sites, config, progress)
     weights, best_mask, best_acc, history = (outcome[k] for k in ("weights", "best_mask", "best_acc", "history"))
     pruned: list[str] = []
     if config.prune and val_batches and (best_mask == 0).any():
@@ -319,26 +337,28 @@ def train_mask(
     return DCMResult(
         sites=sites,
         weights=[round(float(w), 6) for w in weights],
-        mask=[int(m) for m in best_mask],
-        patched=[str(s) for s, m in zip(sites, best_mask) if m == 0],
-        val_accuracy=best_acc,
-        history=history,
+        selected_mask=[int(m) for m in best_mask],
+        selected_patched=[str(s) for s, m in zip(sites, best_mask) if m == 0],
+        selected_val_accuracy=best_acc,
+        final_mask=[int(m) for m in outcome["final_mask"]],
         final_patched=[str(s) for s, m in zip(sites, outcome["final_mask"]) if m == 0],
         final_val_accuracy=outcome["final_acc"],
+        history=history,
         pruned=pruned,
         config=asdict(config),
     )
 
 
 def evaluate_mask(
-    handle: ModelHandle, triples: dict[str, Sequence[Triple]], sites: Sequence[Site], patched: Sequence[str] | torch.Tensor,
-    batch_size: int = 32,
+    handle: ModelHandle, triples: dict[str, Sequence[Triple]], sites: Sequence[Site],
+    patched: Sequence[str] | torch.Tensor, batch_size: int = 32,
 ) -> dict[str, float]:
-    """Held-out accuracy of a binary mask on any desiderata (also ones it was not trained on)."""
+    """Held-out accuracy per desideratum of a binary mask (names of patched sites, or a 0/1 tensor per site),
+    also on desiderata it was not trained on."""
     if not isinstance(patched, torch.Tensor):
         names = set(patched)
         patched = torch.tensor([0.0 if str(s) in names else 1.0 for s in sites])
-    batches = [pb for name in triples for pb in prepare_batches(handle, triples[name], sites, batch_size)]
+    batches = [p for name in triples for p in prepare_batches(handle, triples[name], sites, batch_size)]
     return accuracy_with_mask(handle, batches, sites, patched)
 
 
@@ -353,16 +373,19 @@ def lambda_sweep(
 ) -> list[dict]:
     """Mask size against accuracy for each lambda (their Appendix A).
 
-    Each row reports the mask training ended with (`final_patched`: what lambda produced) and the mask selected on
-    validation (`selected_patched`), which can come from early steps before the penalty took effect.
+    Returns:
+        one row per lambda: the selected mask (`selected_patched`, `n_selected`, `selected_val_accuracy`), the
+        final mask training ended with (`final_patched`, `n_final`, `final_val_accuracy`) and the final weights.
     """
     config = config or DCMConfig()
     rows = []
     for lam in tqdm(lambdas, desc="lambda sweep", disable=not progress):
         result = train_mask(handle, train, val, sites, DCMConfig(**{**asdict(config), "lam": lam}), progress=False)
-        rows.append({"lambda": lam, "n_patched": len(result.final_patched), "patched": result.final_patched,
-                     "val_accuracy": result.final_val_accuracy, "selected_patched": result.patched,
-                     "selected_val_accuracy": result.val_accuracy, "weights": result.weights})
-        log.info("lambda=%g: %d patched at the end, accuracy %s", lam, len(result.final_patched),
-                 result.final_val_accuracy)
+        rows.append({"lambda": lam,
+                     "selected_patched": result.selected_patched, "n_selected": len(result.selected_patched),
+                     "selected_val_accuracy": result.selected_val_accuracy,
+                     "final_patched": result.final_patched, "n_final": len(result.final_patched),
+                     "final_val_accuracy": result.final_val_accuracy, "weights": result.weights})
+        log.info("lambda=%g: %d selected, %d patched at the end, accuracy %s", lam, len(result.selected_patched),
+                 len(result.final_patched), result.selected_val_accuracy)
     return rows

@@ -12,7 +12,8 @@ per example (prev_query_label depends on which box is queried), so we work in ab
   number of boxes and single-token objects/labels, e.g. the word-level tokenizer), so index t is the same token
   role in every prompt. Prompts of mixed lengths get a clear error.
 
-MLPs are never ablated (the paper ablates heads). F is the accuracy of the last position's argmax.
+MLPs are never ablated (the paper ablates heads). F is a metric of the last position's logits, by default the
+accuracy of its argmax (lib.scores.target_hit).
 """
 from __future__ import annotations
 
@@ -23,47 +24,44 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from lib.components import Component
-from lib.data_gen import EncodedBatch
-from lib.models import ModelHandle
-from lib.patching import (
-    Activations, Site, clean_logits, is_token_position, mean_activations, patched_logits, with_token_positions,
-)
+from lib.core.handle import ModelHandle
+from lib.patching import (clean_logits, expand_values, is_token_position, mean_activations, patched_logits,
+                          with_token_positions)
 from lib.patching import token_position as tok
+from lib.scores import target_hit
+from lib.types import Activations, Component, Metric, PairBatch, Site
 
 log = logging.getLogger(__name__)
 
 
-def check_same_length(batches: Sequence[EncodedBatch]) -> int:
-    """The common prompt length; whole-sequence ablation compares token index t across prompts."""
-    lengths = {int(n) for b in batches for n in b.attention_mask.sum(1)}
-    widths = {b.input_ids.shape[1] for b in batches}
+def check_same_length(batches: Sequence[PairBatch]) -> int:
+    """The common prompt length of the original runs; whole-sequence ablation compares token index t across
+    prompts."""
+    lengths = {int(n) for b in batches for n in b.original.attention_mask.sum(1)}
+    widths = {b.original.width for b in batches}
     if len(lengths) != 1 or widths != lengths:
         raise ValueError(f"whole-sequence mean ablation needs prompts of one token length, got lengths "
                          f"{sorted(lengths)}: use one number of boxes and single-token objects and labels")
     return lengths.pop()
 
 
-def subset(batch: EncodedBatch, idx: torch.Tensor) -> EncodedBatch:
-    return EncodedBatch(batch.input_ids[idx], batch.attention_mask[idx],
-                        {k: v[idx] for k, v in batch.positions.items()}, batch.answer_ids[idx])
-
-
-def fixed_groups(batch: EncodedBatch, names: Iterable[str]) -> list[tuple[EncodedBatch, dict[str, int], torch.Tensor]]:
-    """Sub-batches in which each named position sits at one index: (sub-batch, {name: index}, example indices)."""
+def fixed_groups(batch: PairBatch, names: Iterable[str]) -> list[tuple[PairBatch, dict[str, int], torch.Tensor]]:
+    """Sub-batches in which each named position of the original sits at one index:
+    (sub-batch, {name: index}, example indices)."""
     names = sorted({n for n in names if not is_token_position(n)})
+    positions = batch.original.positions
     for name in names:
-        if name not in batch.positions:
+        if name not in positions:
             raise ValueError(f"position {name!r} is not defined for these prompts; "
-                             f"available: {', '.join(sorted(batch.positions))}")
-    keys = [tuple(int(batch.positions[n][i]) for n in names) for i in range(batch.input_ids.shape[0])]
+                             f"available: {', '.join(sorted(positions))}")
+    keys = [tuple(int(positions[n][i]) for n in names) for i in range(batch.size)]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, key in enumerate(keys):
         groups[key].append(i)
     out = []
     for key, rows in sorted(groups.items()):
         idx = torch.tensor(rows)
-        out.append((subset(batch, idx), dict(zip(names, key)), idx))
+        out.append((batch.select(idx), dict(zip(names, key)), idx))
     return out
 
 
@@ -81,31 +79,10 @@ def head_sites(handle: ModelHandle, width: int, layers: Iterable[int] | None = N
     return [Site(Component(layer, h), tok(t)) for layer in layers for h in range(arch.n_heads) for t in range(width)]
 
 
-def whole_sequence_means(handle: ModelHandle, batches: Sequence[EncodedBatch]) -> Activations:
-    """Mean output of every head at every token index over `batches` (prompts of one length)."""
+def whole_sequence_means(handle: ModelHandle, batches: Sequence[PairBatch]) -> Activations:
+    """Mean output of every head at every token index over the original runs of `batches` (one length)."""
     width = check_same_length(batches)
-    return mean_activations(handle, [with_token_positions(b) for b in batches], head_sites(handle, width))
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Scores
-# ------------------------------------------------------------------------------------------------------------
-
-
-def accuracy(logits: torch.Tensor, answer_ids: torch.Tensor) -> float:
-    """F: the fraction of examples whose last-position argmax is the answer."""
-    return float((logits.argmax(-1).cpu() == answer_ids.cpu()).float().mean())
-
-
-def logit_difference(logits: torch.Tensor, a_ids: torch.Tensor, b_ids: torch.Tensor) -> float:
-    """Mean of logit[a] - logit[b] (e.g. correct answer minus a distractor)."""
-    rng = torch.arange(logits.shape[0])
-    return float((logits[rng, a_ids.to(logits.device)] - logits[rng, b_ids.to(logits.device)]).mean())
-
-
-def answer_prob(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
-    """Per-example softmax probability of the answer token."""
-    return logits.float().softmax(-1)[torch.arange(logits.shape[0]), answer_ids.to(logits.device)].cpu()
+    return mean_activations(handle, [with_token_positions(b).original for b in batches], head_sites(handle, width))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -114,10 +91,10 @@ def answer_prob(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
 
 
 def ablated_logits(
-    handle: ModelHandle, batch: EncodedBatch, keep: Sequence[Site] | None, means: Activations,
+    handle: ModelHandle, batch: PairBatch, keep: Sequence[Site] | None, means: Activations,
     ablate: Sequence[Site] | None = None,
 ) -> torch.Tensor:
-    """Last-position logits with heads mean-ablated over the whole sequence.
+    """Last-position logits (batch, vocab) with heads mean-ablated over the whole sequence.
 
     keep given: every head at every token index except the `keep` sites is ablated (the circuit run F(Cir)).
     ablate given: only those sites are ablated (the model run F(M\\K)). Exactly one of the two.
@@ -128,45 +105,43 @@ def ablated_logits(
     named = [s.position for s in (keep if keep is not None else ablate)]
     out: torch.Tensor | None = None
     for group, index, idx in fixed_groups(batch, named):
-        group = with_token_positions(group)
+        original = with_token_positions(group).original
         if keep is not None:
             kept = {absolute(s, index) for s in keep}
             sites = [s for s in head_sites(handle, width) if s not in kept]
         else:
             sites = sorted({absolute(s, index) for s in ablate})
-        size = group.input_ids.shape[0]
-        values = {s.row_key: means[s.row_key].expand(size, -1) for s in sites}
-        logits = patched_logits(handle, group, sites, values) if sites else clean_logits(handle, group)
+        values = expand_values({s.row_key: means[s.row_key] for s in sites}, original.size)
+        logits = patched_logits(handle, original, sites, values) if sites else clean_logits(handle, original)
         if out is None:
-            out = torch.empty(batch.input_ids.shape[0], logits.shape[-1], dtype=logits.dtype)
+            out = torch.empty(batch.size, logits.shape[-1], dtype=logits.dtype)
         out[idx] = logits.cpu()
     return out
 
 
-def circuit_accuracy(handle: ModelHandle, batches: Sequence[EncodedBatch], circuit: Sequence[Site],
-                     means: Activations) -> float:
-    """F(Cir): accuracy with every head not in `circuit` mean-ablated at every token."""
-    return _mean_acc(handle, batches, lambda b: ablated_logits(handle, b, list(circuit), means))
+def _mean_score(batches: Sequence[PairBatch], run, metric: Metric) -> float:
+    total = count = 0.0
+    for b in batches:
+        total += float(metric(run(b), b).sum())
+        count += b.size
+    return total / count
 
 
-def model_accuracy(handle: ModelHandle, batches: Sequence[EncodedBatch], means: Activations,
-                   without: Sequence[Site] = ()) -> float:
+def circuit_accuracy(handle: ModelHandle, batches: Sequence[PairBatch], circuit: Sequence[Site],
+                     means: Activations, metric: Metric = target_hit) -> float:
+    """F(Cir): the metric (default accuracy) with every head not in `circuit` mean-ablated at every token."""
+    return _mean_score(batches, lambda b: ablated_logits(handle, b, list(circuit), means), metric)
+
+
+def model_accuracy(handle: ModelHandle, batches: Sequence[PairBatch], means: Activations,
+                   without: Sequence[Site] = (), metric: Metric = target_hit) -> float:
     """F(M) or, with `without`, F(M\\K): the full model with only the sites K mean-ablated."""
     if not without:
-        return _mean_acc(handle, batches, lambda b: clean_logits(handle, b))
-    return _mean_acc(handle, batches, lambda b: ablated_logits(handle, b, None, means, ablate=list(without)))
+        return _mean_score(batches, lambda b: clean_logits(handle, b.original), metric)
+    return _mean_score(batches, lambda b: ablated_logits(handle, b, None, means, ablate=list(without)), metric)
 
 
-def _mean_acc(handle, batches, run) -> float:
-    correct = total = 0
-    for b in batches:
-        logits = run(b)
-        correct += accuracy(logits, b.answer_ids) * b.input_ids.shape[0]
-        total += b.input_ids.shape[0]
-    return correct / total
-
-
-def faithfulness(handle: ModelHandle, batches: Sequence[EncodedBatch], circuit: Sequence[Site],
+def faithfulness(handle: ModelHandle, batches: Sequence[PairBatch], circuit: Sequence[Site],
                  means: Activations) -> dict[str, float]:
     """{"model": F(M), "circuit": F(Cir), "faithfulness": F(Cir) / F(M)}."""
     full = model_accuracy(handle, batches, means)
@@ -174,7 +149,7 @@ def faithfulness(handle: ModelHandle, batches: Sequence[EncodedBatch], circuit: 
     return {"model": full, "circuit": cir, "faithfulness": cir / full if full else float("nan")}
 
 
-def completeness(handle: ModelHandle, batches: Sequence[EncodedBatch], circuit: Sequence[Site],
+def completeness(handle: ModelHandle, batches: Sequence[PairBatch], circuit: Sequence[Site],
                  removed: Sequence[Site], means: Activations) -> float:
     """|F(Cir \\ K) - F(M \\ K)|: a complete circuit loses as much as the model when K is knocked out."""
     removed = set(removed)
@@ -198,13 +173,13 @@ def random_circuit(handle: ModelHandle, circuit: Sequence[Site], seed: int = 0) 
     return sorted(Site(c, pos) for pos, n in sorted(counts.items()) for c in rng.sample(heads, n))
 
 
-def random_circuit_accuracy(handle: ModelHandle, batches: Sequence[EncodedBatch], circuit: Sequence[Site],
+def random_circuit_accuracy(handle: ModelHandle, batches: Sequence[PairBatch], circuit: Sequence[Site],
                             means: Activations, n: int = 10, seed: int = 0) -> list[float]:
     """F of n random circuits with the circuit's per-position head counts (the paper's baseline, n = 10)."""
     return [circuit_accuracy(handle, batches, random_circuit(handle, circuit, seed + i), means) for i in range(n)]
 
 
-def minimality(handle: ModelHandle, batches: Sequence[EncodedBatch], circuit: Sequence[Site], means: Activations,
+def minimality(handle: ModelHandle, batches: Sequence[PairBatch], circuit: Sequence[Site], means: Activations,
                max_k: int | None = None) -> dict[Site, float]:
     """Per site v: max over greedily grown K of |F(Cir \\ (K + v)) - F(Cir \\ K)| (the paper's minimality).
 

@@ -30,13 +30,12 @@ import nnsight
 import torch
 from tqdm.auto import tqdm
 
-from lib.components import Component
-from lib.data_gen import EncodedBatch
-from lib.metrics import absolute, answer_prob, check_same_length, fixed_groups, head_sites
-from lib.models import ModelHandle
-from lib.patching import (
-    Site, clean_logits, collect, last_logits, patched_logits, read_rows, with_token_positions, write_blends,
-)
+from lib.core.handle import ModelHandle
+from lib.metrics import absolute, check_same_length, fixed_groups, head_sites
+from lib.patching import (clean_logits, collect, last_logits, patched_logits, read_rows, with_token_positions,
+                          write_blends)
+from lib.scores import target_prob
+from lib.types import Component, EncodedPrompts, PairBatch, Site
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ def candidate_senders(handle: ModelHandle, positions: Sequence[str] = DEFAULT_PO
             if (s := Site(Component(layer, h), p)) not in skip]
 
 
-def _run_a(handle: ModelHandle, batch: EncodedBatch, sender: Site, receivers: Sequence[Site],
+def _run_a(handle: ModelHandle, batch: EncodedPrompts, sender: Site, receivers: Sequence[Site],
            clean: dict, noise: dict, width: int):
     """Sender noised, other heads of later layers frozen clean, receivers free; logits or receiver rows."""
     arch = handle.arch
@@ -88,156 +87,54 @@ def _run_a(handle: ModelHandle, batch: EncodedBatch, sender: Site, receivers: Se
 
 def path_patch(
     handle: ModelHandle,
-    original: EncodedBatch,
-    noise: EncodedBatch,
+    batch: PairBatch,
     senders: Sequence[Site] | None = None,
     receivers: Sequence[Site] | None = None,
 ) -> dict[Site, float]:
     """Score of every sender's path to the receivers (None: the logits); most negative = most important.
 
-    `original` and `noise` are aligned example by example (same template, same token length).
+    Args:
+        batch: original runs and their noise prompts as `alternate`, aligned example by example (same template,
+            same token length); target_ids = the originals' answers.
+        senders: heads at named positions (default: every head at DEFAULT_POSITIONS).
+        receivers: heads at named positions the paths must reach; None = the logits.
+
+    Returns:
+        {sender: mean over examples of (p_patch - p_org) / p_org} on the target token.
     """
-    if original.input_ids.shape != noise.input_ids.shape:
+    if batch.alternate is None or batch.original.input_ids.shape != batch.alternate.input_ids.shape:
         raise ValueError("original and noise prompts must have the same shape: use entity_noise_triples")
-    width = check_same_length([original, noise])
+    batch.require_targets("path patching")
+    width = check_same_length([batch, PairBatch(batch.alternate)])
     receivers = list(receivers or [])
     senders = list(senders) if senders is not None else candidate_senders(handle, receivers=receivers)
     named = [s.position for s in senders] + [r.position for r in receivers]
     totals = {s: 0.0 for s in senders}
-    n = original.input_ids.shape[0]
-    groups = fixed_groups(original, named)
+    groups = fixed_groups(batch, named)
     with tqdm(total=len(groups) * len(senders), desc="path patching", leave=False,
               disable=len(groups) * len(senders) < 50) as bar:
-        for group, index, idx in groups:
+        for group, index, _ in groups:
             group = with_token_positions(group)
-            noise_group = EncodedBatch(noise.input_ids[idx], noise.attention_mask[idx], group.positions,
-                                       group.answer_ids)  # noise read at the original's token indices
+            original = group.original
+            noise = group.alternate.with_positions(original.positions)  # noise read at the original's indices
             all_sites = head_sites(handle, width)
-            clean = collect(handle, group, all_sites)
-            noised = collect(handle, noise_group, all_sites)
-            p_org = answer_prob(clean_logits(handle, group), group.answer_ids)
+            clean = collect(handle, original, all_sites)
+            noised = collect(handle, noise, all_sites)
+            p_org = target_prob(clean_logits(handle, original), group)
             recv = [absolute(r, index) for r in receivers]
             for sender in senders:
                 s_abs = absolute(sender, index)
                 if s_abs in recv:
                     bar.update()
                     continue
-                out = _run_a(handle, group, s_abs, recv, clean, noised, width)
-                logits = out if not recv else patched_logits(handle, group, recv, out)
-                p_patch = answer_prob(logits, group.answer_ids)
+                out = _run_a(handle, original, s_abs, recv, clean, noised, width)
+                logits = out if not recv else patched_logits(handle, original, recv, out)
+                p_patch = target_prob(logits, group)
                 totals[sender] += float(((p_patch - p_org) / p_org.clamp_min(1e-12)).sum())
                 bar.update()
-    return {s: totals[s] / n for s in senders}
+    return {s: totals[s] / batch.size for s in senders}
 
 
 def top_senders(scores: dict[Site, float], k: int) -> list[tuple[Site, float]]:
     """The k most negative paths."""
     return sorted(scores.items(), key=lambda item: item[1])[:k]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Re-measure docs/CIRCUITS.md: python -m lib.path_patching [--model toy:entity-base] [--json FILE]
-# ------------------------------------------------------------------------------------------------------------
-
-TOY_CIRCUIT = {  # the toy mechanism of docs/TOY_MODELS.md, as groups of heads at positions
-    "binding (label_i)": [("L0H0", "label_{i}"), ("L0H1", "label_{i}")],
-    "label matching (query_label)": [("L1H0", "query_label"), ("L1H1", "query_label")],
-    "mover (last)": [("L2H0", "last"), ("L2H1", "last")],
-}
-
-
-PLANTED_CIRCUIT = {  # lib.planted.ground_truth("strong" / "weak")
-    "binder (label_i)": [("L0H1", "label_{i}")],
-    "mover (last)": [("L1H2", "last")],
-    "fetcher (last)": [("L2H3", "last")],
-}
-
-
-def toy_groups(n_boxes: int, table: dict | None = None) -> dict[str, list[Site]]:
-    """The documented circuit's groups as sites (label_{i} expands to every box label)."""
-    out = {}
-    for name, members in (table or TOY_CIRCUIT).items():
-        sites = []
-        for comp, pos in members:
-            positions = [pos.format(i=i) for i in range(n_boxes)] if "{i}" in pos else [pos]
-            sites += [Site(Component.parse(comp), p) for p in positions]
-        out[name] = sites
-    return out
-
-
-def _main() -> None:
-    import argparse
-    import json
-
-    from lib import metrics as M
-    from lib.data_gen import encode_batch, entity_noise_triples, filter_correct
-    from lib.models import load_model
-
-    parser = argparse.ArgumentParser(description="Path patching and circuit metrics on the toy entity models.")
-    parser.add_argument("--model", default="toy:entity-base", help="model whose circuit is found by path patching")
-    parser.add_argument("--evaluate-on", nargs="*", default=["toy:entity-base", "toy:entity-ft"],
-                        help="models the circuit is evaluated on (Table 1 rows)")
-    parser.add_argument("--n-boxes", type=int, default=7)
-    parser.add_argument("--n-eval", type=int, default=500)
-    parser.add_argument("--n-patch", type=int, default=200)
-    parser.add_argument("--json", help="write every number here")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    def batches(handle, n, seed, noise=False, correct=False):
-        triples = entity_noise_triples(n, n_boxes=args.n_boxes, seed=seed, tokenizer=handle.tokenizer)
-        if correct:  # path patching scores relative to p_org: a wrong original's tiny p_org blows the ratio up
-            triples = filter_correct(handle, triples, require_alternate=False)
-        chunks = [triples[i:i + 100] for i in range(0, n, 100)]
-        pick = (lambda t: t.alternate) if noise else (lambda t: t.original)
-        return [encode_batch([pick(t) for t in c], handle.tokenizer) for c in chunks]
-
-    results: dict = {"config": vars(args)}
-    handle = load_model(args.model)
-    original = batches(handle, args.n_patch, 0, correct=True)
-    noise = batches(handle, args.n_patch, 0, noise=True, correct=True)
-    results["path_patching_examples"] = sum(b.input_ids.shape[0] for b in original)
-    iterations, found = {}, {}
-    receivers: list[Site] = []
-    for step, positions in enumerate([DEFAULT_POSITIONS] * 3):
-        scores: dict[Site, float] = {}
-        for o, n in zip(original, noise):
-            for s, v in path_patch(handle, o, n, candidate_senders(handle, positions, receivers), receivers).items():
-                scores[s] = scores.get(s, 0.0) + v * o.input_ids.shape[0] / results["path_patching_examples"]
-        ranked = top_senders(scores, 6)
-        iterations[f"iteration {step + 1} (receivers: {', '.join(map(str, receivers)) or 'logits'})"] = [
-            (str(s), round(v, 4)) for s, v in ranked]
-        log.info("iteration %d: %s", step + 1, ranked)
-        receivers = [s for s, v in ranked if v < -0.05]   # keep paths that cost more than 5% of p_org
-        if receivers:
-            found[f"iteration {step + 1}"] = receivers
-        if not receivers or all(s.component.layer == 0 for s in receivers):
-            break
-    results["path_patching"] = iterations
-    results["discovered_circuit"] = {k: [str(s) for s in v] for k, v in found.items()}
-
-    def evaluate(h, evals, means, groups):
-        circuit = sorted({s for g in groups.values() for s in g})
-        row = M.faithfulness(h, evals, circuit, means)
-        row["random_circuits"] = M.random_circuit_accuracy(h, evals, circuit, means, n=10)
-        row["completeness_per_group"] = {g: M.completeness(h, evals, circuit, k, means) for g, k in groups.items()}
-        row["completeness_random_K"] = [M.completeness(h, evals, circuit, k, means)
-                                        for k in M.random_subsets(circuit, 5, seed=0)]
-        row["minimality_K_empty"] = {str(s): v for s, v in M.minimality(h, evals[:2], circuit, means, 0).items()}
-        return row
-
-    for name in args.evaluate_on:
-        h = load_model(name)
-        evals = batches(h, args.n_eval, 1)
-        means = M.whole_sequence_means(h, batches(h, 500, 2))
-        table = PLANTED_CIRCUIT if name in ("planted:strong", "planted:weak") else TOY_CIRCUIT
-        results[name] = {"documented circuit": evaluate(h, evals, means, toy_groups(args.n_boxes, table)),
-                         "path-patching circuit": evaluate(h, evals, means, found)}
-        log.info("%s: %s", name, json.dumps(results[name], indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-
-
-if __name__ == "__main__":
-    _main()

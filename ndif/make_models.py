@@ -1,13 +1,13 @@
 """Save the models a self-hosted NDIF serves, and write its deploy file (run by ndif/server.py, project venv).
 
-- `random-llama`: lib.random_models.random_model("llama") with the word-level task tokenizer, rebuilt
+- `random-llama`: lib.builtin.random_models.random_model("llama") with the word-level task tokenizer, rebuilt
   deterministically (fixed seed) into .ndif/models/random-llama on every `make ndif-up`.
-- every built-in toy model saved under lib/toy_models/<name> (save_pretrained format), deployed in place.
-- the planted models in PLANTED (hand-weighted, built in memory by lib.planted), saved to .ndif/models/planted-<v>,
+- every built-in toy model saved under lib/builtin/toy_models/<name> (save_pretrained format), deployed in place.
+- the planted models in PLANTED (hand-weighted, built in memory by lib.builtin.planted), saved to .ndif/models/planted-<v>,
   so that the workflows' default model (`planted:strong`) runs with `--remote` too.
 
 Each model is deployed under the remote key the client computes for the same directory
-(lib.remote.model_key), with its measured size, float32 weights and the project's CPU actor.
+(lib.core.remote.model_key), with its measured size, float32 weights and the project's CPU actor.
 """
 from __future__ import annotations
 
@@ -18,14 +18,12 @@ from pathlib import Path
 
 import yaml
 
-from lib.random_models import random_model
-from lib.remote import model_key
-from lib.tokenization import word_level_tokenizer
-from tests.conftest import TASK_WORDS
+from lib.builtin.random_models import random_model, task_tokenizer
+from lib.core.remote import model_key
 
 log = logging.getLogger("ndif.models")
 ROOT = Path(__file__).resolve().parent.parent
-TOY_DIR = ROOT / "lib" / "toy_models"
+TOY_DIR = ROOT / "lib" / "builtin" / "toy_models"
 ACTOR_CLASS = "ndif_cpu_actor.CPUModelActor"
 PLANTED = ("strong",)  # each deployed model is a Ray actor of ~0.5 GB: only the workflows' default
 
@@ -35,7 +33,7 @@ RANDOM_SIZE = dict(n_layers=2, n_heads=4, d_model=32, n_kv_heads=2, seed=0)
 
 
 def save_random_model(out: Path) -> Path:
-    tokenizer = word_level_tokenizer(TASK_WORDS)
+    tokenizer = task_tokenizer()
     model = random_model("llama", vocab_size=len(tokenizer), **RANDOM_SIZE)
     path = out / "models" / RANDOM_NAME
     model.save_pretrained(path)
@@ -44,7 +42,7 @@ def save_random_model(out: Path) -> Path:
 
 
 def save_planted(out: Path, variant: str) -> Path:
-    from lib import planted
+    from lib.builtin import planted
 
     model, tokenizer = planted.build(variant)
     path = out / "models" / f"planted-{variant}"

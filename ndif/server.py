@@ -281,9 +281,9 @@ def deploy(env: dict) -> None:
 
 
 def wait_ready(models: dict) -> None:
-    """A real remote trace on each deployed model, compared with the local run (lib/remote.py check)."""
+    """A real remote trace on each deployed model, compared with the local run (ndif/check.py)."""
     for name, spec in models.items():
-        cmd = [str(PROJECT_PY), "-m", "lib.remote", "check", spec["path"], "--host", f"http://{HOST}:{PORTS['api']}",
+        cmd = [str(PROJECT_PY), str(ROOT / "ndif" / "check.py"), spec["path"], "--host", f"http://{HOST}:{PORTS['api']}",
                "--timeout", str(READY_TIMEOUT_S)]
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if proc.returncode != 0:

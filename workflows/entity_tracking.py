@@ -11,22 +11,19 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import numpy as np
+from tqdm.auto import tqdm
 
-import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from lib import cli, report  # noqa: E402
-from lib.components import all_components  # noqa: E402
-from lib.data_gen import (  # noqa: E402
-    ENTITY_DESIDERATA, answers_correct, encode_batch, entity_triples, filter_correct, random_entity_prompt,
-)
-from lib.mask_intervention import evaluate_mask, lambda_sweep, train_mask  # noqa: E402
-from lib.patching import collect, patched_logits, sites_at  # noqa: E402
+from lib import report
+from lib.core.components import all_components
+from lib.data_gen import ENTITY_DESIDERATA, entity_triples, iter_pair_batches, random_entity_prompt
+from lib.evaluation import filter_correct, prompt_accuracy
+from lib.mask_intervention import evaluate_mask, lambda_sweep, train_mask
+from lib.patching import patching_scan, sites_at
+from workflows import common
 
 log = logging.getLogger("entity_tracking")
 DEFAULT_MODEL = "toy:entity-base"
@@ -35,32 +32,17 @@ POSITIONS = ("last", "query_label", "prev_query_label")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(p, DEFAULT_MODEL, "toy:entity-base, toy:entity-ft, planted:strong, planted:weak, ...")
+    common.add_model_args(p, DEFAULT_MODEL, "toy:entity-base, toy:entity-ft, planted:strong, planted:weak, ...")
     p.add_argument("--n-boxes", type=int, default=7, help="boxes per prompt (the paper: 7)")
     p.add_argument("--n-train", type=int, default=128, help="DCM training triples per desideratum (paper: 1000)")
     p.add_argument("--n-eval", type=int, default=64, help="held-out triples per desideratum (paper: 500)")
-    cli.add_dcm_args(p, lam=0.01, lam_help="paper: 0.01")
+    common.add_dcm_args(p, lam=0.01, lam_help="paper: 0.01")
     p.add_argument("--positions", default=",".join(POSITIONS), help="token positions to patch heads at")
     p.add_argument("--desiderata", default=",".join(ENTITY_DESIDERATA), help="subset of object,label,position")
     p.add_argument("--no-scan", action="store_true", help="skip the per-head activation-patching scan")
     p.add_argument("--sweep", default="", help="comma-separated lambdas: also plot mask size and accuracy per lambda")
     p.add_argument("--out", type=Path, default=Path("runs/entity_tracking"), help="output directory")
     return p.parse_args(argv)
-
-
-def patching_scan(handle, triples, sites, batch_size):
-    """Fraction of triples whose output becomes the target when one site alone is patched from the alternate."""
-    tok = handle.tokenizer
-    hits = np.zeros(len(sites))
-    for start in range(0, len(triples), batch_size):
-        chunk = triples[start:start + batch_size]
-        original = encode_batch([t.original for t in chunk], tok, answers=[t.target for t in chunk])
-        alternate = encode_batch([t.alternate for t in chunk], tok)
-        values = collect(handle, alternate, sites)
-        for i, site in enumerate(sites):
-            logits = patched_logits(handle, original, [site], values)
-            hits[i] += (logits.argmax(-1) == original.answer_ids).sum().item()
-    return hits / len(triples)
 
 
 def head_grid(arch, sites, values, position):
@@ -73,7 +55,7 @@ def head_grid(arch, sites, values, position):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    handle, out, started = cli.start_run(args)
+    handle, out, started = common.start_run(args)
     arch = handle.arch
     tok = handle.tokenizer
     desiderata = [d.strip() for d in args.desiderata.split(",") if d.strip()]
@@ -83,7 +65,7 @@ def main(argv=None) -> dict:
     # 1. the model's own accuracy
     rng = random.Random(args.seed)
     prompts = [random_entity_prompt(rng, args.n_boxes) for _ in range(args.n_eval)]
-    model_acc = float(np.mean(answers_correct(handle, prompts, batch_size=args.batch_size)))
+    model_acc = prompt_accuracy(handle, prompts, batch_size=args.batch_size)
     log.info("model accuracy with %d boxes: %.3f (chance %.3f)", args.n_boxes, model_acc, 1 / args.n_boxes)
 
     # desiderata data: originals and alternates the model answers correctly, disjoint train / eval seeds
@@ -102,25 +84,25 @@ def main(argv=None) -> dict:
     if not args.no_scan:
         scan = {}
         for d in tqdm(desiderata, desc="patching scan"):
-            scan[d] = patching_scan(handle, evals[d], sites, args.batch_size)
+            scan[d] = patching_scan(handle, iter_pair_batches(evals[d], tok, args.batch_size), sites).tolist()
             for position in positions:
                 report.heatmap(out / f"patching_{d}_{position}.png", head_grid(arch, sites, scan[d], position),
                                f"{d}: P(target) patching one head at {position}")
         results["patching_scan"] = {d: {str(s): float(v) for s, v in zip(sites, scan[d])} for d in desiderata}
 
     # 3. DCM per desideratum, evaluated on every desideratum
-    config = cli.dcm_config(args)
+    config = common.dcm_config(args)
     results["dcm"] = {}
     for d in desiderata:
         log.info("DCM on the %s desideratum (%d train triples, %d sites)", d, len(train[d]), len(sites))
         result = train_mask(handle, {d: train[d]}, {d: evals[d][: len(evals[d]) // 2]}, sites, config)
         held_out = {k: v[len(v) // 2:] for k, v in evals.items()}
-        acc = evaluate_mask(handle, held_out, sites, result.patched, args.batch_size)
+        acc = evaluate_mask(handle, held_out, sites, result.selected_patched, args.batch_size)
         results["dcm"][d] = {**result.to_json(), "heldout_accuracy": acc}
         for position in positions:
             report.heatmap(out / f"mask_{d}_{position}.png", head_grid(arch, sites, result.weights, position),
                            f"DCM weights ({d}) at {position}: 0 = patched", cmap="magma")
-        log.info("%s mask: %s; held-out accuracy %s", d, result.patched or "(empty)", acc)
+        log.info("%s mask: %s; held-out accuracy %s", d, result.selected_patched or "(empty)", acc)
     if results["dcm"]:
         report.grouped_bars(out / "dcm_accuracy.png", desiderata,
                             {f"mask: {d}": [results["dcm"][d]["heldout_accuracy"].get(k, 0) for k in desiderata]
@@ -133,11 +115,13 @@ def main(argv=None) -> dict:
             rows = lambda_sweep(handle, {d: train[d]}, {d: evals[d][: len(evals[d]) // 2]}, sites, lambdas, config)
             results["lambda_sweep"][d] = rows
             report.line_plot(out / f"lambda_sweep_{d}.png", lambdas,
-                             {"sites patched": [r["n_patched"] for r in rows]},
+                             {"sites patched (final mask)": [r["n_final"] for r in rows],
+                              "sites patched (selected mask)": [r["n_selected"] for r in rows]},
                              f"{d}: mask size per lambda", "lambda", "sites patched", logx=True)
             report.line_plot(out / f"lambda_sweep_{d}_accuracy.png", lambdas,
-                             {"validation accuracy": [r["val_accuracy"].get(d, 0.0) for r in rows]},
-                             f"{d}: accuracy of the final mask per lambda", "lambda", "accuracy", logx=True)
+                             {"final mask": [r["final_val_accuracy"].get(d, 0.0) for r in rows],
+                              "selected mask": [r["selected_val_accuracy"].get(d, 0.0) for r in rows]},
+                             f"{d}: validation accuracy per lambda", "lambda", "accuracy", logx=True)
     results["seconds"] = round(time.time() - started, 1)
     report.write_json(out / "results.json", results)
     (out / "report.md").write_text(render_report(results, desiderata, positions))
@@ -163,7 +147,7 @@ def render_report(results: dict, desiderata, positions) -> str:
     rows = []
     for d in desiderata:
         r = results["dcm"][d]
-        rows.append([d, ", ".join(r["patched"]) or "(none)"] + [r["heldout_accuracy"].get(k, 0.0) for k in desiderata])
+        rows.append([d, ", ".join(r["selected_patched"]) or "(none)"] + [r["heldout_accuracy"].get(k, 0.0) for k in desiderata])
     lines += [report.markdown_table(["trained on", "patched sites"] + [f"acc {k}" for k in desiderata], rows), ""]
     lines += ["Plots: `patching_<desideratum>_<position>.png`, `mask_<desideratum>_<position>.png`, "
               "`dcm_accuracy.png`. Every number is in `results.json` with the config that produced it.", ""]

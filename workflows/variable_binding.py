@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from lib import cli, report  # noqa: E402
-from lib.components import all_components  # noqa: E402
-from lib.data_gen import filter_correct  # noqa: E402
-from lib.data_gen_vb import VB_DESIDERATA, vb_triples  # noqa: E402
-from lib.mask_intervention import evaluate_mask, train_mask  # noqa: E402
-from lib.patching import sites_at  # noqa: E402
-from lib.toy import varbind_table1  # noqa: E402
+from lib import report
+from lib.core.components import all_components
+from lib.data_gen import VB_DESIDERATA, encode_pairs, vb_triples
+from lib.evaluation import accuracy, filter_correct
+from lib.mask_intervention import evaluate_mask, train_mask
+from lib.patching import sites_at
+from workflows import common
 
 log = logging.getLogger("variable_binding")
 DEFAULT_MODEL = "toy:varbind"
@@ -50,13 +47,13 @@ EVAL_SEED_OFFSET = 1000  # held-out triples come from seed + 1000, training from
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(p, DEFAULT_MODEL, "toy:varbind, ...")
+    common.add_model_args(p, DEFAULT_MODEL, "toy:varbind, ...")
     p.add_argument("--n-train", type=int, default=256,
                    help="DCM training triples per desideratum, before keeping those the model answers correctly")
     p.add_argument("--n-eval", type=int, default=500, help="held-out triples per Table 1 column (paper: held-out set)")
     p.add_argument("--n-val", type=int, default=None,
                    help="validation triples per desideratum for choosing and pruning the mask (default n-train/4)")
-    cli.add_dcm_args(p, lam=0.03, lam_help="L0.5; paper: 0.03", init="half")
+    common.add_dcm_args(p, lam=0.03, lam_help="L0.5; paper: 0.03", init="half")
     p.add_argument("--no-prune", action="store_true",
                    help="keep every site of the selected mask (default: drop sites validation does not need)")
     p.add_argument("--out", type=Path, default=Path("runs/variable_binding"), help="output directory")
@@ -80,7 +77,7 @@ def mask_grid(arch, sites, weights) -> np.ndarray:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    handle, out, started = cli.start_run(args)
+    handle, out, started = common.start_run(args)
     arch = handle.arch
     sites = sites_at(all_components(arch), "last")
     log.info("model %s: %d layers x %d heads; %d sites (every head and MLP at the last token)",
@@ -89,7 +86,7 @@ def main(argv=None) -> dict:
     # 1. held-out columns (not filtered: Table 1's original row is the unpatched model on these same triples)
     eval_seed = args.seed + EVAL_SEED_OFFSET
     held_out = {d: vb_triples(d, args.n_eval, seed=eval_seed) for d in COLUMNS}
-    original = varbind_table1(handle, n=args.n_eval, seed=eval_seed)
+    original = {d: accuracy(handle, [encode_pairs(ts, handle.tokenizer)]) for d, ts in held_out.items()}
     log.info("original model: %s", {COLUMN_NAMES[d]: round(v, 3) for d, v in original.items()})
 
     # training and validation data: + and - only, correct answers, disjoint from the held-out originals
@@ -111,20 +108,20 @@ def main(argv=None) -> dict:
                "table1": {"original": {**original, "n_patched": 0}}, "dcm": {}}
 
     # 2. + 3. DCM with the incomplete and the full desiderata, each binary mask on every held-out column
-    config = cli.dcm_config(args, loss="logit_diff", penalty="l0.5", combine="alternate", prune=not args.no_prune)
+    config = common.dcm_config(args, loss="logit_diff", penalty="l0.5", combine="alternate", prune=not args.no_prune)
     for row, desiderata in MASKS.items():
         log.info("DCM, %s: trained on %s", ROW_NAMES[row], ", ".join(desiderata))
         result = train_mask(handle, {d: train[d] for d in desiderata}, {d: val[d] for d in desiderata}, sites, config)
-        acc = evaluate_mask(handle, held_out, sites, result.patched, args.batch_size)
-        results["table1"][row] = {**acc, "n_patched": len(result.patched)}
+        acc = evaluate_mask(handle, held_out, sites, result.selected_patched, args.batch_size)
+        results["table1"][row] = {**acc, "n_patched": len(result.selected_patched)}
         results["dcm"][row] = {**result.to_json(), "trained_on": list(desiderata), "heldout_accuracy": acc}
-        report.heatmap(out / f"mask_{row}.png", mask_grid(arch, sites, result.mask),
+        report.heatmap(out / f"mask_{row}.png", mask_grid(arch, sites, result.selected_mask),
                        f"{ROW_NAMES[row]}: binary mask at the last token (0 = patched); last column = MLP",
                        xlabel=f"head (column {arch.n_heads} = MLP)", cmap="magma")
         report.heatmap(out / f"weights_{row}.png", mask_grid(arch, sites, result.weights),
                        f"{ROW_NAMES[row]}: continuous DCM weights (0 = patched); last column = MLP",
                        xlabel=f"head (column {arch.n_heads} = MLP)", cmap="magma")
-        log.info("%s: patched %s; held-out %s", row, result.patched or "(none)",
+        log.info("%s: patched %s; held-out %s", row, result.selected_patched or "(none)",
                  {COLUMN_NAMES[d]: round(v, 3) for d, v in acc.items()})
 
     table = results["table1"]
@@ -160,7 +157,7 @@ def render_report(results: dict) -> str:
              "## This run", "", report.markdown_table(header, rows(results["table1"])), "",
              "## The paper (LLaMA-13B)", "", report.markdown_table(header, rows(results["paper_table1"])), "",
              "## Masks", ""]
-    mask_rows = [[ROW_NAMES[r], ", ".join(d["patched"]) or "(none)", ", ".join(d["pruned"]) or "-"]
+    mask_rows = [[ROW_NAMES[r], ", ".join(d["selected_patched"]) or "(none)", ", ".join(d["pruned"]) or "-"]
                  for r, d in results["dcm"].items()]
     lines += [report.markdown_table(["", "patched components", "pruned after training"], mask_rows), "",
               "Paper: 9 heads and MLP 27 with both desiderata; a cluster of late MLPs with VD alone.", "",

@@ -1,0 +1,1 @@
+"""The data layer: prompts, desiderata and their encoding (the face is lib.data_gen)."""
