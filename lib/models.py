@@ -1,8 +1,10 @@
-"""Load any model as a `ModelHandle`: a Hugging Face id, a local directory, an in-memory module, or a built-in
-model by name ("toy:entity-base", "planted:strong"; lib.builtin).
+"""Load any model as a `ModelHandle`: a Hugging Face id, a local directory, an in-memory module, a built-in model
+by name ("toy:entity-base", "planted:strong"; lib.builtin), or a PEFT (LoRA) adapter over one of those.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,12 +12,42 @@ import torch
 from lib import builtin
 from lib.core.handle import ModelHandle, ModelLoadError, load_pretrained
 
-__all__ = ["ModelHandle", "ModelLoadError", "load_model"]
+__all__ = ["ModelHandle", "ModelLoadError", "load_model", "lora_base", "is_lora_adapter"]
+
+
+def is_lora_adapter(source: Any) -> bool:
+    """Whether `source` is a directory holding a PEFT adapter (adapter_config.json) rather than a model."""
+    return isinstance(source, (str, Path)) and (Path(source).expanduser() / "adapter_config.json").is_file()
+
+
+def lora_base(adapter: str | Path) -> str | None:
+    """The base model an adapter was trained on (its adapter_config.json's base_model_name_or_path)."""
+    config = json.loads((Path(adapter).expanduser() / "adapter_config.json").read_text())
+    return config.get("base_model_name_or_path") or None
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two spellings of one model: equal names, or paths to one directory (a built-in's saved copy included)."""
+    if a == b:
+        return True
+
+    def where(name: str) -> Path | None:
+        if builtin.is_builtin(name):
+            try:
+                return builtin.saved_dir(name).resolve()
+            except ValueError:
+                return None
+        path = Path(name).expanduser()
+        return path.resolve() if path.exists() else None
+
+    pa, pb = where(a), where(b)
+    return pa is not None and pa == pb
 
 
 def load_model(
     source: Any,
     *,
+    base: str | None = None,
     tokenizer: Any = None,
     device_map: Any = None,
     dtype: str | torch.dtype | None = None,
@@ -27,7 +59,10 @@ def load_model(
 
     Args:
         source: a Hugging Face id ("meta-llama/Llama-2-7b-hf"), a local `save_pretrained` directory, an in-memory
-            transformers model, or a built-in model ("toy:entity-base", "planted:strong", ...; see README).
+            transformers model, a built-in model ("toy:entity-base", "planted:strong", ...; see README), or a
+            directory holding a PEFT LoRA adapter (adapter_config.json), loaded over its base, unmerged.
+        base: for an adapter, the base model to attach it to (default: the adapter's base_model_name_or_path);
+            an adapter trained on another base is refused.
         tokenizer: a tokenizer object or path; required for in-memory models.
         device_map, dtype: placement and precision ("auto", "bfloat16").
         remote / backend: run traces on NDIF; a built-in model is then served from its saved directory.
@@ -35,13 +70,25 @@ def load_model(
     Returns:
         ModelHandle named after `source`.
     """
+    common = dict(tokenizer=tokenizer, device_map=device_map, dtype=dtype, remote=remote, backend=backend)
+    if is_lora_adapter(source):
+        adapter = str(Path(source).expanduser().resolve())
+        trained_on = lora_base(adapter)
+        base = base or trained_on
+        if base is None:
+            raise ModelLoadError(f"the LoRA adapter {source} names no base model (base_model_name_or_path): pass "
+                                 "the model it was trained on as --model / base=")
+        if trained_on is not None and not _same_model(str(base), trained_on):
+            raise ModelLoadError(f"the LoRA adapter {source} was trained on {trained_on}, not on {base}: pass "
+                                 f"--model {trained_on} (or an adapter of {base})")
+        return load_model(base, peft=adapter, name=f"{base} + LoRA {Path(adapter).name}", **common, **load_kwargs)
     if builtin.is_builtin(source):
+        name = load_kwargs.pop("name", source)
         if remote or backend is not None:
             return load_pretrained(str(builtin.saved_dir(source)), tokenizer=tokenizer, dtype=dtype, remote=remote,
-                                   backend=backend, name=source, **load_kwargs)
+                                   backend=backend, name=name, **load_kwargs)
         module, tok = builtin.build(source)
         if dtype is not None:
             module = module.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        return load_pretrained(module, tokenizer=tok, name=source)
-    return load_pretrained(source, tokenizer=tokenizer, device_map=device_map, dtype=dtype, remote=remote,
-                           backend=backend, **load_kwargs)
+        return load_pretrained(module, tokenizer=tok, name=name, **load_kwargs)
+    return load_pretrained(source, **common, **load_kwargs)

@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """JSON form of tensors / arrays (lists), objects with to_json(), and anything else (its str)."""
     if hasattr(value, "tolist"):
         return value.tolist()
     if hasattr(value, "to_json"):
@@ -27,7 +28,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_json(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=_jsonable))
+    path.write_text(json.dumps(data, indent=2, default=jsonable))
     return path
 
 

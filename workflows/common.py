@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from lib import report
 from lib.mask_intervention import DCMConfig
 from lib.models import ModelHandle, load_model
 from lib.types import INITS, PARAMETERIZATIONS
+
+log = logging.getLogger("workflow")
 
 
 def add_model_args(p: argparse.ArgumentParser, default_model: str, examples: str) -> None:
@@ -48,3 +55,92 @@ def start_run(args: argparse.Namespace) -> tuple[ModelHandle, Path, float]:
     started = time.time()
     handle = load_model(args.model, device_map=args.device_map, dtype=args.dtype, remote=args.remote)
     return handle, out, started
+
+
+# ---- command-line errors and resumable runs ---------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with errors as one line (`prog: error: ...`) and exit status 2, no usage dump, no traceback."""
+
+    def error(self, message: str):  # noqa: D401 (argparse's hook)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def csv_choice(value: str, choices: Sequence[str], flag: str) -> list[str]:
+    """A comma-separated subset of `choices` in the order given; an unknown entry names the valid ones."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in items if v not in choices]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{flag}: unknown {', '.join(map(repr, unknown))}; "
+                                         f"choose from {','.join(choices)}")
+    if not items:
+        raise argparse.ArgumentTypeError(f"{flag}: give at least one of {','.join(choices)}")
+    return items
+
+
+def positive(kind: type, flag: str, allow_zero: bool = False):
+    """An argparse type: a number > 0 (>= 0 with allow_zero) of `kind`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {text}")
+        return value
+    return parse
+
+
+class Run:
+    """A workflow run's output directory, step by step: each finished step's result is one JSON file under
+    steps/, written atomically, so a run killed mid-step loses only that step and `--resume` skips the rest.
+
+    run.json records the settings; resuming with other settings is refused (the finished steps would not
+    belong to the new ones).
+    """
+
+    def __init__(self, out: Path, config: dict, resume: bool):
+        self.out = Path(out)
+        self.steps_dir = self.out / "steps"
+        self.steps_dir.mkdir(parents=True, exist_ok=True)
+        self.resume = resume
+        self.skipped: list[str] = []
+        self.seconds: dict[str, float] = {}
+        record = self.out / "run.json"
+        if resume and record.exists():
+            before = json.loads(record.read_text())["config"]
+            changed = sorted(k for k in set(before) | set(config) if before.get(k) != config.get(k))
+            if changed:
+                raise SystemExit(f"--resume: {self.out} was run with other settings ({', '.join(changed)}); use "
+                                 "another --out or the same flags")
+        elif not resume:
+            for old in self.steps_dir.glob("*.json"):
+                old.unlink()
+        write_json_atomic(record, {"config": config})
+
+    def done(self, name: str) -> bool:
+        return (self.steps_dir / f"{name}.json").exists()
+
+    def step(self, name: str, compute: Callable[[], dict]) -> dict:
+        """The step's result: read back when --resume finds it finished, else computed and written."""
+        path = self.steps_dir / f"{name}.json"
+        if self.resume and path.exists():
+            log.info("step %s: finished in an earlier run, skipped (--resume)", name)
+            self.skipped.append(name)
+            return json.loads(path.read_text())
+        started = time.time()
+        result = compute()
+        self.seconds[name] = round(time.time() - started, 1)
+        write_json_atomic(path, result)
+        log.info("step %s done in %.1f s", name, self.seconds[name])
+        return result
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """Write JSON to a temporary file beside `path`, then rename it into place (no half-written results)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=report.jsonable))
+    os.replace(tmp, path)
+    return path

@@ -122,6 +122,7 @@ def load_pretrained(
     remote: bool = False,
     backend: Any = None,
     name: str | None = None,
+    peft: str | None = None,
     **load_kwargs: Any,
 ) -> ModelHandle:
     """A `ModelHandle` for a Hugging Face id, a local `save_pretrained` directory or an in-memory module.
@@ -134,6 +135,8 @@ def load_pretrained(
         remote / backend: run traces on NDIF (lib.core.remote): the weights stay on the server and the client
             keeps a meta-device copy for tracing. `backend` is a RemoteBackend or a host URL.
         name: what the handle is called in logs and results (default: the source).
+        peft: a PEFT (LoRA) adapter directory or hub id attached to the model, unmerged, in place: every module keeps
+            its path (nnsight's `peft=`); remotely the server attaches it per request.
 
     Returns:
         ModelHandle; local models are frozen (`requires_grad_(False)`) and in eval mode.
@@ -142,6 +145,9 @@ def load_pretrained(
         dtype = getattr(torch, dtype)
     if dtype is not None:
         load_kwargs["dtype"] = dtype
+    if peft is not None:
+        peft = str(peft)
+        load_kwargs["peft"] = peft
     if remote or backend is not None:
         if isinstance(source, torch.nn.Module):
             raise ModelLoadError("an in-memory model cannot run remotely: save_pretrained it where the NDIF server "
@@ -154,7 +160,12 @@ def load_pretrained(
         if tokenizer is None:
             raise ModelLoadError("an in-memory model needs its tokenizer: load_model(module, tokenizer=...)")
         module = source.eval().requires_grad_(False)
-        lm = TransformersModel(module, task="text-generation", tokenizer=load_tokenizer("", tokenizer))
+        try:
+            lm = TransformersModel(module, task="text-generation", tokenizer=load_tokenizer("", tokenizer),
+                                   **({"peft": peft} if peft is not None else {}))
+        except ValueError as err:  # nnsight refuses an adapter whose weights do not land
+            raise ModelLoadError(f"could not attach {peft}: {err}") from err
+        lm._module.requires_grad_(False).eval()
         return wrap(lm, name or getattr(module.config, "name_or_path", "") or type(module).__name__)
 
     source = str(source)
