@@ -20,13 +20,17 @@ from lib.types import Metric, PairBatch, Prompt, Triple
 log = logging.getLogger(__name__)
 
 
-def scores(handle: ModelHandle, batches: Iterable[PairBatch], metric: Metric = target_hit,
-           progress: bool = True) -> torch.Tensor:
-    """Per-example `metric` of the unpatched original runs, concatenated over batches: (n_examples,)."""
-    batches = list(batches)
+def _scores(handle: ModelHandle, batches: list[PairBatch], metric: Metric, progress: bool) -> torch.Tensor:
     out = [metric(clean_logits(handle, b.original), b)
            for b in tqdm(batches, desc="scoring", disable=not progress or len(batches) < 5, leave=False)]
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def scores(handle: ModelHandle, batches: Iterable[PairBatch], metric: Metric = target_hit,
+           progress: bool = True) -> torch.Tensor:
+    """Per-example `metric` of the unpatched original runs, concatenated over batches: (n_examples,).
+    Remotely every batch travels in one request."""
+    return handle.in_one_request(_scores, list(batches), metric, progress and not handle.remote)
 
 
 def accuracy(handle: ModelHandle, batches: Iterable[PairBatch], metric: Metric = target_hit) -> float:

@@ -28,15 +28,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DCMConfig:
-    """Training settings. Defaults follow Prakash et al.; Davies et al. used penalty="l0.5", loss="logit_diff"."""
+    """Training settings. Defaults follow the authors' entity-tracking code (target-logit loss, L1 on 1 - w,
+    lambda 0.01, Adam lr 0.1, 2 epochs, batch 32, the rounded mask validated and the best kept), except `init`:
+    the papers start every weight at 1 (nothing patched), where a component behind saturated attention gets a
+    vanishing gradient and is never selected (tests/integration/test_patching_and_dcm.py); "half" finds it.
+    Davies et al. used penalty="l0.5", loss="logit_diff", lr 0.01."""
 
     lam: float = 0.01
     penalty: Penalty = "l1"
     loss: Loss = "target_logit"
-    lr: float = 0.01
+    lr: float = 0.1
     epochs: int = 2
     batch_size: int = 32
-    init: Init = "ones"
+    init: Init = "half"
     parameterization: Parameterization = "clamp"   # the papers' recipe; the others learn where it stalls
     combine: Combine = "sum"          # "sum" the desiderata's losses each step, or "alternate" step by step
     eval_every: int = 0               # steps between validations of the rounded mask; 0 = once per epoch
@@ -53,6 +57,15 @@ class DCMConfig:
         ]:
             if value not in allowed:
                 raise ValueError(f"DCMConfig.{name}={value!r}; choose one of {', '.join(allowed)}")
+        if self.init == "ones" and self.parameterization != "clamp":
+            raise ValueError(f"init='ones' (nothing patched) is a bound the {self.parameterization} parameterisation "
+                             "cannot start at: its weights would start clipped (sigmoid at 0.95, hard-concrete gates "
+                             "shut with no gradient); use init='half' or 'random', or parameterization='clamp'")
+        for name in ("lr", "epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DCMConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.lam < 0:
+            raise ValueError(f"DCMConfig.lam (the sparsity strength) must be >= 0, got {self.lam}")
 
 
 Prepared = tuple[PairBatch, Activations]
@@ -298,6 +311,34 @@ def _optimise(
             "final_mask": mask.binary(), "final_acc": final_acc}
 
 
+def _encode(handle: ModelHandle, triples: dict[str, Sequence[Triple]], sites: Sequence[Site],
+            batch_size: int) -> list[PairBatch]:
+    """Every desideratum's triples as PairBatches of `batch_size`, each checked against the sites (client side)."""
+    batches = []
+    for name, items in triples.items():
+        for start in range(0, len(items), batch_size):
+            batch = encode_pairs(items[start:start + batch_size], handle.tokenizer)
+            check_sites(handle, sites, batch.original)
+            check_sites(handle, sites, batch.alternate)
+            batches.append(batch)
+    return batches
+
+
+def _train(handle: ModelHandle, train: list[PairBatch], val: list[PairBatch], sites: list[Site], config: DCMConfig,
+           progress: bool) -> dict:
+    """Everything DCM runs on the model, as one request: the alternates, the optimisation, pruning, validation."""
+    train_prepared = [(b, collect(handle, b.alternate, sites)) for b in train]
+    val_prepared = [(b, collect(handle, b.alternate, sites)) for b in val]
+    outcome = _optimise(handle, train_prepared, val_prepared, sites, config, progress)
+    best_mask, best_acc = outcome["best_mask"], outcome["best_acc"]
+    pruned: list[str] = []
+    if config.prune and val_prepared and (best_mask == 0).any():
+        best_mask, pruned, best_acc = prune_mask(handle, val_prepared, sites, best_mask, outcome["weights"])
+    if not best_acc and val_prepared:
+        best_acc = accuracy_with_mask(handle, val_prepared, sites, best_mask)
+    return {**outcome, "best_mask": best_mask, "best_acc": best_acc, "pruned": pruned}
+
+
 def train_mask(
     handle: ModelHandle,
     train: dict[str, Sequence[Triple]],
@@ -312,11 +353,12 @@ def train_mask(
         handle: the (frozen) model.
         train, val: {desideratum: triples}; validation picks the rounded mask to keep and prunes it.
         sites: the components at positions the mask covers.
-        config: DCMConfig (defaults: Prakash et al.'s loss and penalty).
+        config: DCMConfig (defaults: the authors' recipe with init "half").
         progress: a progress bar over steps (off remotely, where the loop runs on the server).
 
     Returns:
-        DCMResult: final continuous weights, the selected and the final binary masks, curves.
+        DCMResult: final continuous weights, the selected and the final binary masks, curves. Remotely the whole
+        run (alternate runs, every step, validation, pruning) is one NDIF request.
     """
     config = config or DCMConfig()
     config.check()
@@ -324,27 +366,22 @@ def train_mask(
     check_sites(handle, sites)
     if not train or not any(train.values()):
         raise ValueError("train_mask needs at least one desideratum with examples")
-    train_batches = [p for name in train for p in prepare_batches(handle, train[name], sites, config.batch_size)]
-    val_batches = [p for name in val for p in prepare_batches(handle, val[name], sites, config.batch_size)]
+    train_batches = _encode(handle, train, sites, config.batch_size)
+    val_batches = _encode(handle, val, sites, config.batch_size)
     progress = progress and not handle.remote  # on a server tqdm would stream back as status lines
-    outcome = handle.in_one_request(_optimise, train_batches, val_batches, sites, config, progress)
-    weights, best_mask, best_acc, history = (outcome[k] for k in ("weights", "best_mask", "best_acc", "history"))
-    pruned: list[str] = []
-    if config.prune and val_batches and (best_mask == 0).any():
-        best_mask, pruned, best_acc = prune_mask(handle, val_batches, sites, best_mask, weights)
-    if not best_acc and val_batches:
-        best_acc = accuracy_with_mask(handle, val_batches, sites, best_mask)
+    outcome = handle.in_one_request(_train, train_batches, val_batches, sites, config, progress)
+    best_mask, final_mask = outcome["best_mask"], outcome["final_mask"]
     return DCMResult(
         sites=sites,
-        weights=[round(float(w), 6) for w in weights],
+        weights=[round(float(w), 6) for w in outcome["weights"]],
         selected_mask=[int(m) for m in best_mask],
         selected_patched=[str(s) for s, m in zip(sites, best_mask) if m == 0],
-        selected_val_accuracy=best_acc,
-        final_mask=[int(m) for m in outcome["final_mask"]],
-        final_patched=[str(s) for s, m in zip(sites, outcome["final_mask"]) if m == 0],
+        selected_val_accuracy=outcome["best_acc"],
+        final_mask=[int(m) for m in final_mask],
+        final_patched=[str(s) for s, m in zip(sites, final_mask) if m == 0],
         final_val_accuracy=outcome["final_acc"],
-        history=history,
-        pruned=pruned,
+        history=outcome["history"],
+        pruned=outcome["pruned"],
         config=asdict(config),
     )
 
@@ -358,8 +395,13 @@ def evaluate_mask(
     if not isinstance(patched, torch.Tensor):
         names = set(patched)
         patched = torch.tensor([0.0 if str(s) in names else 1.0 for s in sites])
-    batches = [p for name in triples for p in prepare_batches(handle, triples[name], sites, batch_size)]
-    return accuracy_with_mask(handle, batches, sites, patched)
+    batches = _encode(handle, triples, sites, batch_size)
+    return handle.in_one_request(_masked_accuracy, batches, sites, patched)
+
+
+def _masked_accuracy(handle: ModelHandle, batches: list[PairBatch], sites: list[Site], mask: torch.Tensor) -> dict:
+    prepared = [(b, collect(handle, b.alternate, sites)) for b in batches]
+    return accuracy_with_mask(handle, prepared, sites, mask)
 
 
 def lambda_sweep(

@@ -268,21 +268,30 @@ def _as_group(patch: Patch) -> list[Site]:
     return [patch] if isinstance(patch, Site) else list(patch)
 
 
-def _scan_batch(handle: ModelHandle, batch: PairBatch, groups: list[list[Site]], metric: Metric,
-                donor: ModelHandle | None, values: Activations | None) -> torch.Tensor:
-    """(n_patches,) summed metric over the batch's examples; every trace of it through `handle` / `donor`."""
+def _collect_all(handle: ModelHandle, sides: list[EncodedPrompts], sites: list[Site]) -> list[Activations]:
+    return [collect(handle, side, sites) for side in sides]
+
+
+def _scan(handle: ModelHandle, batches: list[PairBatch], groups: list[list[Site]], metric: Metric,
+          sources: list[Activations] | None, values: Activations | None, progress: bool) -> torch.Tensor:
+    """(n_patches,) metric summed over every example; every trace through `handle` (one request remotely)."""
     union = order_sites(s for g in groups for s in g)
-    if values is not None:
-        source = expand_values(values, batch.size)
-    elif donor is not None:
-        source = collect(donor, batch.original, union)
-    else:
-        source = collect(handle, batch.alternate, union)
-    totals = []
-    for group in groups:
-        logits = patched_logits(handle, batch.original, group, source)
-        totals.append(metric(logits, batch).sum())
-    return torch.stack(totals)
+    totals = torch.zeros(len(groups))
+    bar = tqdm(total=len(batches) * len(groups), desc="patching scan", leave=False,
+               disable=not progress or len(batches) * len(groups) < 20)
+    for i, batch in enumerate(batches):
+        if values is not None:
+            source = expand_values(values, batch.size)
+        elif sources is not None:
+            source = sources[i]
+        else:
+            source = collect(handle, batch.alternate, union)
+        for j, group in enumerate(groups):
+            logits = patched_logits(handle, batch.original, group, source)
+            totals[j] += metric(logits, batch).sum()
+            bar.update()
+    bar.close()
+    return totals
 
 
 def patching_scan(
@@ -309,8 +318,8 @@ def patching_scan(
         progress: a progress bar over batches x patches (off remotely).
 
     Returns:
-        (len(patches),) mean score per patch. One source run per batch serves every patch; remotely each batch
-        is one request (one session holding its runs).
+        (len(patches),) mean score per patch. One source run per batch serves every patch. Remotely the whole scan
+        is one request (two with a donor: the donor's reads, then the patched runs).
     """
     groups = [_as_group(p) for p in patches]
     if not groups or any(not g for g in groups):
@@ -328,14 +337,11 @@ def patching_scan(
                 check_sites(handle, group, batch.alternate)
     if values is not None and donor is not None:
         raise ValueError("give donor= or values=, not both")
-    totals = torch.zeros(len(groups))
-    count = 0
+    count = sum(batch.size for batch in batches)
+    sources = None
+    if donor is not None:  # another model: its reads are a request of their own (one session is one model)
+        union = order_sites(s for g in groups for s in g)
+        sources = donor.in_one_request(_collect_all, [b.original for b in batches], union)
     remote = handle.remote or (donor is not None and donor.remote)
-    for batch in tqdm(batches, desc="patching scan", disable=not progress or remote or len(batches) * len(groups) < 20,
-                      leave=False):
-        if remote and donor is None:
-            totals += handle.in_one_request(_scan_batch, batch, groups, metric, None, values)
-        else:  # a donor on another model: its read and the receiver's runs are separate requests
-            totals += _scan_batch(handle, batch, groups, metric, donor, values)
-        count += batch.size
+    totals = handle.in_one_request(_scan, batches, groups, metric, sources, values, progress and not remote)
     return totals / count

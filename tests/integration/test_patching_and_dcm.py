@@ -176,6 +176,12 @@ def test_bad_input_errors(setup):
         prepare_batches(handle, [multi], SITES, 4)
     with pytest.raises(ValueError, match="choose one of"):
         train_mask(handle, {"x": [multi]}, {}, SITES, DCMConfig(loss="mse"))
+    for bad, message in [(dict(init="ones", parameterization="sigmoid"), "sigmoid parameterisation cannot start at"),
+                         (dict(init="ones", parameterization="hard_concrete"), "hard_concrete parameterisation"),
+                         (dict(lr=0), "lr must be > 0"), (dict(epochs=0), "epochs must be > 0"),
+                         (dict(lam=-1), "lam .* must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            DCMConfig(**bad).check()
 
 
 def test_papers_recipe_misses_a_saturated_component_that_init_half_finds():
@@ -201,8 +207,10 @@ def test_papers_recipe_misses_a_saturated_component_that_init_half_finds():
     backward_on_batch(handle, prepared, sites, w, "target_logit")
     assert abs(w.grad[sites.index(Site(Component(1, 2)))]) < 1e-5
 
-    papers = train_mask(handle, train, val, sites, DCMConfig(lr=0.05, epochs=6), progress=False)
+    papers = train_mask(handle, train, val, sites, DCMConfig(lr=0.05, epochs=6, init="ones"), progress=False)
     half = train_mask(handle, train, val, sites, DCMConfig(lr=0.05, epochs=6, init="half"), progress=False)
+    default = train_mask(handle, train, val, sites, progress=False)   # DCMConfig(): lr 0.1, 2 epochs, init half
+    assert default.selected_patched == ["L1H2@last"] and default.config["init"] == "half"
     assert "L1H2@last" not in papers.selected_patched and papers.selected_val_accuracy["label"] == 0.0
     assert half.selected_patched == ["L1H2@last"] and half.selected_val_accuracy["label"] == 1.0
     assert half.config["init"] == "half"

@@ -195,6 +195,19 @@ def test_dcm_selects_exactly_the_planted_head(handles, variant, desideratum):
     assert result.selected_val_accuracy[desideratum] >= 0.95
 
 
+@pytest.mark.parametrize("variant,desideratum",
+                         [("strong", "object"), ("strong", "label"), ("positional", "object"),
+                          ("positional", "position")])
+def test_dcm_defaults_select_the_planted_head(handles, variant, desideratum):
+    """DCMConfig() with no settings (the command line's defaults) finds each planted head."""
+    handle = handles(variant)
+    sites = sites_at(all_components(handle.arch), "last")
+    train, val = _triples(handle, desideratum, 240, 0), _triples(handle, desideratum, 60, 100)
+    result = train_mask(handle, {desideratum: train}, {desideratum: val}, sites, progress=False)
+    assert set(result.selected_patched) == _expected_at_last(variant, desideratum)
+    assert result.selected_val_accuracy[desideratum] >= 0.95
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,desideratum", [("strong", "object"), ("strong", "label"),
                                                  ("positional", "position")])
