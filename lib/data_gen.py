@@ -19,7 +19,7 @@ lib.evaluation.filter_correct.
 from __future__ import annotations
 
 from lib.data.desiderata import (DESIDERATA, ENTITY_DESIDERATA, Desideratum, as_answer, entity_noise_triples,
-                                 entity_targets, entity_triples, resolve_desideratum)
+                                 entity_targets, entity_triples, entity_word_pools, resolve_desideratum)
 from lib.data.encoding import (answer_batches, answer_token_id, answer_token_ids, encode_answers, encode_pairs,
                                encode_prompts, iter_pair_batches, pad_token_id, token_positions, unknown_words)
 from lib.data.entity import (DEFAULT_TEMPLATE, FILLER, LABELS, OBJECTS, SEGMENT, check_template_words,
@@ -36,7 +36,7 @@ from lib.types import EncodedPrompts, PairBatch, Prompt, Triple
 
 __all__ = [
     "DESIDERATA", "ENTITY_DESIDERATA", "Desideratum", "as_answer", "entity_noise_triples", "entity_targets",
-    "entity_triples", "resolve_desideratum",
+    "entity_triples", "entity_word_pools", "resolve_desideratum",
     "answer_batches", "answer_token_id", "answer_token_ids", "encode_answers", "encode_pairs", "encode_prompts",
     "iter_pair_batches", "pad_token_id", "token_positions", "unknown_words",
     "DEFAULT_TEMPLATE", "FILLER", "LABELS", "OBJECTS", "SEGMENT", "check_template_words", "entity_tracking_prompt",

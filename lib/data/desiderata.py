@@ -166,6 +166,19 @@ def _entity_pools(tokenizer: Any, objects: Sequence[str] | None, labels: Sequenc
     return objs, labs
 
 
+def entity_word_pools(tokenizer: Any, n_boxes: int, template: EntityTemplate | None = None,
+                      objects: Sequence[str] | None = None,
+                      labels: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """The objects and labels entity prompts draw from: the template's (or the built-in) words, filtered to single
+    known tokens where the template puts them when a tokenizer is given (errors name the template's words or the
+    dropped ones).
+
+    Returns:
+        (objects, labels).
+    """
+    return _entity_pools(tokenizer, objects, labels, n_boxes, 0, template)
+
+
 def entity_triples(
     desideratum: str | Desideratum,
     n: int,

@@ -64,8 +64,6 @@ class EntityTemplate:
         _check_placeholders("EntityTemplate", "query", self.query, ("label",))
         for field in ("separator", "prefix", "context_end", "answer_prefix"):
             _check_placeholders("EntityTemplate", field, getattr(self, field), ())
-        if not self.query.strip():
-            raise ValueError("EntityTemplate.query must end the prompt with text the model reads the answer after")
         for field in ("objects", "labels"):
             words = getattr(self, field)
             if words is not None:
