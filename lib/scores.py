@@ -67,11 +67,24 @@ METRICS: dict[str, Metric] = {"accuracy": target_hit, "target_prob": target_prob
 # ---- the first-digit rule ---------------------------------------------------------------------------------------
 
 
+_SPACE_MARKS = " \t\n\u2581\u0120\u010a\u0109"  # space, tab, newline; SentencePiece "▁"; byte-level "Ġ" "Ċ" "ĉ"
+
+
+def _first_digit(piece: str) -> int:
+    if piece.startswith("<0x3") and len(piece) == 6 and piece[4].isdigit() and piece.endswith(">"):
+        return int(piece[4])  # SentencePiece byte-fallback token of an ASCII digit, e.g. <0x35> = "5"
+    rest = piece.lstrip(_SPACE_MARKS)[:1]
+    return int(rest) if rest.isascii() and rest.isdigit() else -1
+
+
 def first_digit_classes(tokenizer: Any) -> torch.Tensor:
-    """(vocab,) the digit 0-9 each token's text starts with (leading whitespace ignored), -1 for other tokens."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    first = [t.lstrip()[:1] for t in texts]
-    return torch.tensor([int(c) if c.isascii() and c.isdigit() else -1 for c in first], dtype=torch.long)
+    """(vocab,) the digit 0-9 each token's text starts with (leading whitespace ignored), -1 for other tokens.
+
+    Read from the token strings (convert_ids_to_tokens), whose space markers ("▁", "Ġ") are stripped: decoding
+    262k single tokens one by one takes seconds, this a fraction of one.
+    """
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([-1 if p is None else _first_digit(p) for p in pieces], dtype=torch.long)
 
 
 def describe_first_digit_rule(classes: torch.Tensor) -> str:

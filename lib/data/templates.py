@@ -113,7 +113,7 @@ VB_TEMPLATES = {
 
 def _from_dict(cls: type, data: dict, source: str):
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: a {cls.__name__} is a JSON object of fields, got {type(data).__name__}")
+        raise ValueError(f"{source}: an {cls.__name__} is a JSON object of fields, got {type(data).__name__}")
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -140,7 +140,8 @@ def load_entity_template(source: str | Path | dict | EntityTemplate | None) -> E
     if isinstance(source, dict):
         return _from_dict(EntityTemplate, source, "entity template")
     data = _read_json(source)
-    data.setdefault("name", Path(source).stem)
+    if isinstance(data, dict):
+        data.setdefault("name", Path(source).stem)
     return _from_dict(EntityTemplate, data, str(source))
 
 
@@ -158,7 +159,8 @@ def load_vb_template(source: str | Path | dict | VarBindTemplate | None) -> VarB
         raise ValueError(f"{str(source)!r} is neither a built-in variable-binding template "
                          f"({', '.join(VB_TEMPLATES)}) nor a template file")
     data = _read_json(source)
-    data.setdefault("name", Path(source).stem)
+    if isinstance(data, dict):
+        data.setdefault("name", Path(source).stem)
     return _from_dict(VarBindTemplate, data, str(source))
 
 

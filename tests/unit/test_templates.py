@@ -216,3 +216,24 @@ def test_first_digit_rule_equals_the_token_rule_on_word_level_tokenizers(word_to
         FirstDigit(classes)(logits, PairBatch(None, target_ids=torch.full((64,), 5)))
     with pytest.raises(ValueError, match="FirstDigit kind 'top'"):
         FirstDigit(classes, "top")
+
+
+def test_more_bad_input_names_its_cause(tmp_path, word_tokenizer):
+    from lib.mask_intervention import DCMConfig
+    from lib.scores import answer_metric
+
+    with pytest.raises(ValueError, match="EntityTemplate.labels must be a non-empty list of non-empty words"):
+        dg.EntityTemplate(labels=())
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="an EntityTemplate is a JSON object of fields, got list"):
+        dg.load_entity_template(listed)
+    with pytest.raises(ValueError, match=r"DCMConfig.answer_rule='digit'; choose one of token, first_digit"):
+        DCMConfig(answer_rule="digit").check()
+    with pytest.raises(ValueError, match="answer rule 'digit'; choose one of token, first_digit"):
+        answer_metric("digit", word_tokenizer)
+    classes = first_digit_classes(word_tokenizer)
+    five = word_tokenizer.convert_tokens_to_ids("5")
+    with pytest.raises(ValueError, match=r"FirstDigit\('logit_diff'\) needs foil tokens"):
+        FirstDigit(classes, "logit_diff")(torch.zeros(1, len(word_tokenizer)),
+                                          PairBatch(None, target_ids=torch.tensor([five])))
