@@ -26,8 +26,11 @@ def add_template_arg(p: argparse.ArgumentParser, what: str, default: str | None 
                    help=f"{what} (JSON file of template fields; see README 'Prompt templates')")
 
 
-def no_correct_triples(name: str, n: int) -> str:
-    """The message a workflow reports when the model answers none of a desideratum's triples."""
+def no_correct_triples(name: str, n: int, answered: int = 0) -> str:
+    """The message a workflow reports when the model answers none (or too few) of a desideratum's triples."""
+    if answered:
+        return (f"the model answers only {answered} of the {n} {name} triples correctly (original and alternate), "
+                "too few for both the training and the held-out set: nothing is patched or trained for it")
     return (f"the model answers none of the {n} {name} triples correctly (original and alternate): accuracy 0.00, "
             "so nothing is patched or trained for it (a model that cannot do the task has no mechanism to find)")
 

@@ -85,7 +85,8 @@ def main(argv=None) -> dict:
                "model_accuracy": model_acc, "n_train": {d: len(v) for d, v in train.items()},
                "n_eval": {d: len(v) for d, v in evals.items()}, "template": template.name}
     ready = [d for d in desiderata if train[d] and evals[d]]   # a desideratum the model never answers is skipped
-    results["no_correct_triples"] = {d: common.no_correct_triples(d, 3 * (args.n_train + args.n_eval))
+    results["no_correct_triples"] = {d: common.no_correct_triples(d, 3 * (args.n_train + args.n_eval),
+                                                              len(train[d]) + len(evals[d]))
                                      for d in desiderata if d not in ready}
     for message in results["no_correct_triples"].values():
         log.warning(message)

@@ -105,7 +105,8 @@ def main(argv=None) -> dict:
     exclude |= {t.original.text for ts in train.values() for t in ts}
     val = {d: training_triples(handle, d, n_val, args.seed + 2, exclude, args.batch_size, template, metric)
            for d in (VD, OI)}
-    skipped = {d: common.no_correct_triples(d, args.n_train + n_val) for d in (VD, OI) if not train[d] or not val[d]}
+    skipped = {d: common.no_correct_triples(d, args.n_train + n_val, len(train[d]) + len(val[d]))
+               for d in (VD, OI) if not train[d] or not val[d]}
     for message in skipped.values():
         log.warning(message)
 
