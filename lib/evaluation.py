@@ -46,23 +46,26 @@ def prompt_accuracy(handle: ModelHandle, prompts: Sequence[Prompt], batch_size: 
     return accuracy(handle, answer_batches(prompts, handle.tokenizer, batch_size))
 
 
-def answers_correct(handle: ModelHandle, prompts: Sequence[Prompt], batch_size: int = 32) -> list[bool]:
-    """Whether the model's top token at the last position is each prompt's answer (batched traces)."""
+def answers_correct(handle: ModelHandle, prompts: Sequence[Prompt], batch_size: int = 32,
+                    metric: Metric = target_hit) -> list[bool]:
+    """Whether the model's top token at the last position is each prompt's answer (batched traces; `metric` e.g.
+    lib.scores.FirstDigit for answers judged on their first digit)."""
     if not prompts:
         return []
-    return [bool(v) for v in scores(handle, answer_batches(prompts, handle.tokenizer, batch_size))]
+    return [bool(v) for v in scores(handle, answer_batches(prompts, handle.tokenizer, batch_size), metric)]
 
 
 def filter_correct(
-    handle: ModelHandle, triples: Sequence[Triple], batch_size: int = 32, require_alternate: bool = True
+    handle: ModelHandle, triples: Sequence[Triple], batch_size: int = 32, require_alternate: bool = True,
+    metric: Metric = target_hit,
 ) -> list[Triple]:
     """The triples whose original (and, with `require_alternate`, alternate) prompt the model answers correctly.
 
     The noise pairs of path patching need no correct alternate (pass require_alternate=False).
     """
-    keep = answers_correct(handle, [t.original for t in triples], batch_size)
+    keep = answers_correct(handle, [t.original for t in triples], batch_size, metric)
     if require_alternate:
-        alt = answers_correct(handle, [t.alternate for t in triples], batch_size)
+        alt = answers_correct(handle, [t.alternate for t in triples], batch_size, metric)
         keep = [a and b for a, b in zip(keep, alt)]
     kept = [t for t, k in zip(triples, keep) if k]
     log.info("%s answers %d of %d triples correctly", handle.name, len(kept), len(triples))

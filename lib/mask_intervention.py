@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from lib.core.handle import ModelHandle
 from lib.data.encoding import encode_pairs
 from lib.patching import blend_plan, check_sites, collect, last_logits, write_blends
-from lib.scores import target_hit
+from lib.scores import ANSWER_RULES, FirstDigit, digit_task_logits, first_digit_classes, target_hit
 from lib.types import (COMBINES, INITS, LOSSES, PARAMETERIZATIONS, PENALTIES, Activations, Combine, Init, Loss,
                        PairBatch, Parameterization, Penalty, Site, Triple)
 
@@ -45,6 +45,7 @@ class DCMConfig:
     combine: Combine = "sum"          # "sum" the desiderata's losses each step, or "alternate" step by step
     eval_every: int = 0               # steps between validations of the rounded mask; 0 = once per epoch
     prune: bool = True                # drop patched sites the held-out accuracy does not need
+    answer_rule: str = "token"        # "first_digit": losses and accuracy over every token starting with the digit
     seed: int = 0
     eps: float = 1e-6                 # keeps the L0.5 gradient finite at w = 1
 
@@ -53,7 +54,7 @@ class DCMConfig:
         for name, value, allowed in [
             ("loss", self.loss, LOSSES), ("penalty", self.penalty, PENALTIES),
             ("parameterization", self.parameterization, PARAMETERIZATIONS), ("init", self.init, INITS),
-            ("combine", self.combine, COMBINES),
+            ("combine", self.combine, COMBINES), ("answer_rule", self.answer_rule, ANSWER_RULES),
         ]:
             if value not in allowed:
                 raise ValueError(f"DCMConfig.{name}={value!r}; choose one of {', '.join(allowed)}")
@@ -89,8 +90,20 @@ def prepare_batches(
     return out
 
 
-def task_loss(kind: str, logits: torch.Tensor, target_ids: torch.Tensor, foil_ids: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of: -logit[target] | -(logit[target] - logit[foil]) | cross-entropy."""
+def task_loss(kind: str, logits: torch.Tensor, target_ids: torch.Tensor, foil_ids: torch.Tensor,
+              classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of: -logit[target] | -(logit[target] - logit[foil]) | cross-entropy.
+
+    With `classes` (lib.scores.first_digit_classes) the target's and foil's logits are their digits' (log-sum-exp
+    over every token starting with the digit) and cross-entropy is the digit's summed probability.
+    """
+    if classes is not None:
+        target, foil = digit_task_logits(logits, target_ids, foil_ids, classes)
+        if kind == "target_logit":
+            return -target.mean()
+        if kind == "logit_diff":
+            return -(target - foil).mean()
+        return -(target - logits.float().logsumexp(-1)).mean()
     rows = torch.arange(logits.shape[0])
     target = logits[rows, target_ids]
     if kind == "target_logit":
@@ -181,13 +194,13 @@ class DCMResult:
 
 def backward_on_batch(
     handle: ModelHandle, prepared: Prepared, sites: Sequence[Site], weights: torch.Tensor, loss_kind: str,
-    plan: dict | None = None,
+    plan: dict | None = None, classes: torch.Tensor | None = None,
 ) -> float:
     """One traced forward with the blend, the task loss and its backward into `weights`; returns the loss."""
     batch, values = prepared
     with handle.trace(batch.original.inputs()):
         write_blends(handle, batch.original, sites, values, weights, plan)
-        loss = task_loss(loss_kind, last_logits(handle), batch.target_ids, batch.foil_ids)
+        loss = task_loss(loss_kind, last_logits(handle), batch.target_ids, batch.foil_ids, classes)
         loss.backward()
         value = loss.detach().save()
     return float(value)
@@ -195,7 +208,7 @@ def backward_on_batch(
 
 def dcm_step(
     handle: ModelHandle, mask: Mask, optimizer: torch.optim.Optimizer, group: Sequence[Prepared],
-    sites: Sequence[Site], config: DCMConfig, plan: dict | None = None,
+    sites: Sequence[Site], config: DCMConfig, plan: dict | None = None, classes: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], float]:
     """One DCM update: the blended forward, task loss and backward of each batch in `group`, the penalty's
     backward, one optimizer step and the projection to [0, 1].
@@ -205,7 +218,8 @@ def dcm_step(
     """
     optimizer.zero_grad()
     stochastic = config.parameterization == "hard_concrete"
-    losses = {batch.desideratum: backward_on_batch(handle, (batch, values), sites, mask(stochastic), config.loss, plan)
+    losses = {batch.desideratum: backward_on_batch(handle, (batch, values), sites, mask(stochastic), config.loss, plan,
+                                                   classes)
               for batch, values in group}
     sparsity = config.lam * mask.penalty(config.penalty, config.eps)
     sparsity.backward()
@@ -215,15 +229,17 @@ def dcm_step(
 
 
 def accuracy_with_mask(
-    handle: ModelHandle, batches: Sequence[Prepared], sites: Sequence[Site], weights: torch.Tensor
+    handle: ModelHandle, batches: Sequence[Prepared], sites: Sequence[Site], weights: torch.Tensor,
+    classes: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Accuracy (argmax == target) per desideratum with the given weights blended in."""
+    """Accuracy (argmax == target; with `classes`, the first-digit rule) per desideratum with the weights blended in."""
     plan = blend_plan(handle, sites)
+    metric = target_hit if classes is None else FirstDigit(classes, "hit")
     correct: dict[str, list[float]] = {}
     for batch, values in batches:
         with torch.no_grad(), handle.trace(batch.original.inputs()):
             write_blends(handle, batch.original, sites, values, weights, plan)
-            hits = target_hit(last_logits(handle), batch).save()
+            hits = metric(last_logits(handle), batch).save()
         correct.setdefault(batch.desideratum, []).extend(hits.tolist())
     return {name: sum(v) / len(v) for name, v in correct.items()}
 
@@ -248,7 +264,7 @@ def _schedule(batches: list[Prepared], combine: str, rng: random.Random) -> list
 
 def prune_mask(
     handle: ModelHandle, batches: Sequence[Prepared], sites: Sequence[Site], mask: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor, classes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[str], dict[str, float]]:
     """Greedily un-patch sites (weakest first) while the held-out accuracy does not drop.
 
@@ -256,12 +272,12 @@ def prune_mask(
         (pruned binary mask, names of the sites un-patched, its accuracy per desideratum).
     """
     mask = mask.clone()
-    best = accuracy_with_mask(handle, batches, sites, mask)
+    best = accuracy_with_mask(handle, batches, sites, mask, classes)
     pruned = []
     for i in sorted((int(i) for i in torch.nonzero(mask == 0)), key=lambda i: -float(weights[i])):
         trial = mask.clone()
         trial[i] = 1
-        acc = accuracy_with_mask(handle, batches, sites, trial)
+        acc = accuracy_with_mask(handle, batches, sites, trial, classes)
         if _mean(acc) >= _mean(best):
             mask, best = trial, acc
             pruned.append(str(sites[i]))
@@ -275,6 +291,7 @@ def _optimise(
     sites: list[Site],
     config: DCMConfig,
     progress: bool,
+    classes: torch.Tensor | None = None,
 ) -> dict:
     """The training loop (one request): Adam steps, projection, periodic validation of the rounded mask.
 
@@ -293,7 +310,7 @@ def _optimise(
     step = 0
     with tqdm(total=total, desc=f"DCM lam={config.lam}", disable=not progress) as bar:
         for group in (g for epoch_steps in schedule for g in epoch_steps):
-            losses, penalty = dcm_step(handle, mask, optimizer, group, sites, config, plan)
+            losses, penalty = dcm_step(handle, mask, optimizer, group, sites, config, plan, classes)
             step += 1
             history.append({"step": step, "loss": losses, "penalty": penalty,
                             "n_patched": int((mask.binary() == 0).sum())})
@@ -301,7 +318,7 @@ def _optimise(
             bar.set_postfix(loss=f"{sum(losses.values()):.3f}", patched=history[-1]["n_patched"])
             if val_batches and (step % eval_every == 0 or step == total):
                 current = mask.binary()
-                acc = accuracy_with_mask(handle, val_batches, sites, current)
+                acc = accuracy_with_mask(handle, val_batches, sites, current, classes)
                 history[-1]["val_accuracy"] = acc
                 fewer = (current == 0).sum() < (best_mask == 0).sum()
                 if not best_acc or _mean(acc) > _mean(best_acc) or (_mean(acc) == _mean(best_acc) and fewer):
@@ -325,17 +342,17 @@ def _encode(handle: ModelHandle, triples: dict[str, Sequence[Triple]], sites: Se
 
 
 def _train(handle: ModelHandle, train: list[PairBatch], val: list[PairBatch], sites: list[Site], config: DCMConfig,
-           progress: bool) -> dict:
+           progress: bool, classes: torch.Tensor | None = None) -> dict:
     """Everything DCM runs on the model, as one request: the alternates, the optimisation, pruning, validation."""
     train_prepared = [(b, collect(handle, b.alternate, sites)) for b in train]
     val_prepared = [(b, collect(handle, b.alternate, sites)) for b in val]
-    outcome = _optimise(handle, train_prepared, val_prepared, sites, config, progress)
+    outcome = _optimise(handle, train_prepared, val_prepared, sites, config, progress, classes)
     best_mask, best_acc = outcome["best_mask"], outcome["best_acc"]
     pruned: list[str] = []
     if config.prune and val_prepared and (best_mask == 0).any():
-        best_mask, pruned, best_acc = prune_mask(handle, val_prepared, sites, best_mask, outcome["weights"])
+        best_mask, pruned, best_acc = prune_mask(handle, val_prepared, sites, best_mask, outcome["weights"], classes)
     if not best_acc and val_prepared:
-        best_acc = accuracy_with_mask(handle, val_prepared, sites, best_mask)
+        best_acc = accuracy_with_mask(handle, val_prepared, sites, best_mask, classes)
     return {**outcome, "best_mask": best_mask, "best_acc": best_acc, "pruned": pruned}
 
 
@@ -369,7 +386,8 @@ def train_mask(
     train_batches = _encode(handle, train, sites, config.batch_size)
     val_batches = _encode(handle, val, sites, config.batch_size)
     progress = progress and not handle.remote  # on a server tqdm would stream back as status lines
-    outcome = handle.in_one_request(_train, train_batches, val_batches, sites, config, progress)
+    classes = answer_classes(handle, config.answer_rule)
+    outcome = handle.in_one_request(_train, train_batches, val_batches, sites, config, progress, classes)
     best_mask, final_mask = outcome["best_mask"], outcome["final_mask"]
     return DCMResult(
         sites=sites,
@@ -386,22 +404,30 @@ def train_mask(
     )
 
 
+def answer_classes(handle: ModelHandle, rule: str) -> torch.Tensor | None:
+    """The first-digit classes of the handle's tokenizer under rule "first_digit", None under "token"."""
+    if rule not in ANSWER_RULES:
+        raise ValueError(f"answer rule {rule!r}; choose one of {', '.join(ANSWER_RULES)}")
+    return first_digit_classes(handle.tokenizer) if rule == "first_digit" else None
+
+
 def evaluate_mask(
     handle: ModelHandle, triples: dict[str, Sequence[Triple]], sites: Sequence[Site],
-    patched: Sequence[str] | torch.Tensor, batch_size: int = 32,
+    patched: Sequence[str] | torch.Tensor, batch_size: int = 32, answer_rule: str = "token",
 ) -> dict[str, float]:
     """Held-out accuracy per desideratum of a binary mask (names of patched sites, or a 0/1 tensor per site),
-    also on desiderata it was not trained on."""
+    also on desiderata it was not trained on; `answer_rule` as DCMConfig's."""
     if not isinstance(patched, torch.Tensor):
         names = set(patched)
         patched = torch.tensor([0.0 if str(s) in names else 1.0 for s in sites])
     batches = _encode(handle, triples, sites, batch_size)
-    return handle.in_one_request(_masked_accuracy, batches, sites, patched)
+    return handle.in_one_request(_masked_accuracy, batches, sites, patched, answer_classes(handle, answer_rule))
 
 
-def _masked_accuracy(handle: ModelHandle, batches: list[PairBatch], sites: list[Site], mask: torch.Tensor) -> dict:
+def _masked_accuracy(handle: ModelHandle, batches: list[PairBatch], sites: list[Site], mask: torch.Tensor,
+                     classes: torch.Tensor | None) -> dict:
     prepared = [(b, collect(handle, b.alternate, sites)) for b in batches]
-    return accuracy_with_mask(handle, prepared, sites, mask)
+    return accuracy_with_mask(handle, prepared, sites, mask, classes)
 
 
 def lambda_sweep(

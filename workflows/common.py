@@ -27,6 +27,21 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str, examples: str
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
 
 
+def add_template_arg(p: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    """--template: the prompts' wording as a JSON file of template fields (README, "Prompt templates")."""
+    p.add_argument("--template", default=default,
+                   help=f"{what} (JSON file of template fields; see README 'Prompt templates')")
+
+
+def no_correct_triples(name: str, n: int, answered: int = 0) -> str:
+    """The message a workflow reports when the model answers none (or too few) of a desideratum's triples."""
+    if answered:
+        return (f"the model answers only {answered} of the {n} {name} triples correctly (original and alternate), "
+                "too few for both the training and the held-out set: nothing is patched or trained for it")
+    return (f"the model answers none of the {n} {name} triples correctly (original and alternate): accuracy 0.00, "
+            "so nothing is patched or trained for it (a model that cannot do the task has no mechanism to find)")
+
+
 def add_dcm_args(p: argparse.ArgumentParser, *, lam: float, lam_help: str, epochs: int = 4, lr: float = 0.05,
                  init: str = "ones") -> None:
     """--batch-size, --epochs, --lambda, --lr, --parameterization, --init, --seed."""

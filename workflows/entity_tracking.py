@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from lib import report
 from lib.core.components import all_components
-from lib.data_gen import ENTITY_DESIDERATA, entity_triples, iter_pair_batches, random_entity_prompt
+from lib.data_gen import (ENTITY_DESIDERATA, entity_triples, entity_word_pools, iter_pair_batches,
+                          load_entity_template, random_entity_prompt)
 from lib.evaluation import filter_correct, prompt_accuracy
 from lib.mask_intervention import evaluate_mask, lambda_sweep, train_mask
 from lib.patching import patching_scan, sites_at
@@ -34,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p, DEFAULT_MODEL, "toy:entity-base, toy:entity-ft, planted:strong, planted:weak, ...")
     p.add_argument("--n-boxes", type=int, default=7, help="boxes per prompt (the paper: 7)")
+    common.add_template_arg(p, "the prompts' wording for this model (default: 'The apple is in Box F, ...')")
     p.add_argument("--n-train", type=int, default=128, help="DCM training triples per desideratum (paper: 1000)")
     p.add_argument("--n-eval", type=int, default=64, help="held-out triples per desideratum (paper: 500)")
     common.add_dcm_args(p, lam=0.01, lam_help="paper: 0.01")
@@ -63,14 +65,17 @@ def main(argv=None) -> dict:
     log.info("model %s: %d layers x %d heads", handle.name, arch.n_layers, arch.n_heads)
 
     # 1. the model's own accuracy
+    template = load_entity_template(args.template)
+    objects, labels = entity_word_pools(tok, args.n_boxes, template)
     rng = random.Random(args.seed)
-    prompts = [random_entity_prompt(rng, args.n_boxes) for _ in range(args.n_eval)]
+    prompts = [random_entity_prompt(rng, args.n_boxes, objects, labels, template) for _ in range(args.n_eval)]
     model_acc = prompt_accuracy(handle, prompts, batch_size=args.batch_size)
     log.info("model accuracy with %d boxes: %.3f (chance %.3f)", args.n_boxes, model_acc, 1 / args.n_boxes)
 
     # desiderata data: originals and alternates the model answers correctly, disjoint train / eval seeds
     def make(desideratum, n, seed):
-        triples = entity_triples(desideratum, 3 * n, n_boxes=args.n_boxes, seed=seed, tokenizer=tok)
+        triples = entity_triples(desideratum, 3 * n, n_boxes=args.n_boxes, seed=seed, tokenizer=tok,
+                                 template=template)
         return filter_correct(handle, triples, batch_size=args.batch_size)[:n]
 
     train = {d: make(d, args.n_train, args.seed + 1) for d in desiderata}
@@ -78,7 +83,14 @@ def main(argv=None) -> dict:
     sites = [s for p in positions for s in sites_at(all_components(arch, mlps=False), p)]
     results = {"config": {k: str(v) for k, v in vars(args).items()}, "model": handle.name,
                "model_accuracy": model_acc, "n_train": {d: len(v) for d, v in train.items()},
-               "n_eval": {d: len(v) for d, v in evals.items()}}
+               "n_eval": {d: len(v) for d, v in evals.items()}, "template": template.name}
+    ready = [d for d in desiderata if train[d] and evals[d]]   # a desideratum the model never answers is skipped
+    results["no_correct_triples"] = {d: common.no_correct_triples(d, 3 * (args.n_train + args.n_eval),
+                                                              len(train[d]) + len(evals[d]))
+                                     for d in desiderata if d not in ready}
+    for message in results["no_correct_triples"].values():
+        log.warning(message)
+    desiderata = ready
 
     # 2. activation-patching scan
     if not args.no_scan:
@@ -132,7 +144,10 @@ def main(argv=None) -> dict:
 def render_report(results: dict, desiderata, positions) -> str:
     lines = [f"# Entity tracking on {results['model']}", "",
              f"Model accuracy: **{results['model_accuracy']:.2f}** ({results['config']['n_boxes']} boxes; "
-             "Llama-7B in the paper: 0.66, Goat-7B 0.82).", ""]
+             "Llama-7B in the paper: 0.66, Goat-7B 0.82). Prompt template: "
+             f"{results.get('template', 'default')}.", ""]
+    lines += [f"**Skipped {d}**: {m}." for d, m in results.get("no_correct_triples", {}).items()]
+    lines += [""] if results.get("no_correct_triples") else []
     if "patching_scan" in results:
         lines += ["## Activation patching, one head at a time", "",
                   "Fraction of held-out triples whose output becomes the desideratum's target. Top heads:", ""]

@@ -19,10 +19,11 @@ import numpy as np
 
 from lib import report
 from lib.core.components import all_components
-from lib.data_gen import VB_DESIDERATA, encode_pairs, vb_triples
+from lib.data_gen import VB_DESIDERATA, encode_pairs, load_vb_template, vb_triples
 from lib.evaluation import accuracy, filter_correct
 from lib.mask_intervention import evaluate_mask, train_mask
 from lib.patching import sites_at
+from lib.scores import FirstDigit, describe_first_digit_rule, first_digit_classes
 from workflows import common
 
 log = logging.getLogger("variable_binding")
@@ -48,6 +49,8 @@ EVAL_SEED_OFFSET = 1000  # held-out triples come from seed + 1000, training from
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p, DEFAULT_MODEL, "toy:varbind, ...")
+    common.add_template_arg(p, "the programs' wording: 'default' (x=12, y=40, z=73. y-x=), 'authors' "
+                               "(x = 12\\ny = 40\\nx + y = , their code) or a file", default="default")
     p.add_argument("--n-train", type=int, default=256,
                    help="DCM training triples per desideratum, before keeping those the model answers correctly")
     p.add_argument("--n-eval", type=int, default=500, help="held-out triples per Table 1 column (paper: held-out set)")
@@ -60,10 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def training_triples(handle, desideratum: str, n: int, seed: int, exclude: set[str], batch_size: int):
-    """Triples the model answers correctly (original and alternate), none of whose originals is held out."""
-    triples = [t for t in vb_triples(desideratum, n, seed=seed) if t.original.text not in exclude]
-    return filter_correct(handle, triples, batch_size=batch_size)
+def training_triples(handle, desideratum: str, n: int, seed: int, exclude: set[str], batch_size: int,
+                     template=None, metric=None):
+    """Triples the model answers correctly (original and alternate; first-digit rule), none of whose originals is
+    held out."""
+    triples = [t for t in vb_triples(desideratum, n, seed=seed, template=template) if t.original.text not in exclude]
+    return filter_correct(handle, triples, batch_size=batch_size, metric=metric)
 
 
 def mask_grid(arch, sites, weights) -> np.ndarray:
@@ -84,35 +89,43 @@ def main(argv=None) -> dict:
              handle.name, arch.n_layers, arch.n_heads, len(sites))
 
     # 1. held-out columns (not filtered: Table 1's original row is the unpatched model on these same triples)
+    template = load_vb_template(args.template)
+    classes = first_digit_classes(handle.tokenizer)   # answers are judged on their first digit (lib.scores)
+    metric = FirstDigit(classes, "hit")
     eval_seed = args.seed + EVAL_SEED_OFFSET
-    held_out = {d: vb_triples(d, args.n_eval, seed=eval_seed) for d in COLUMNS}
-    original = {d: accuracy(handle, [encode_pairs(ts, handle.tokenizer)]) for d, ts in held_out.items()}
+    held_out = {d: vb_triples(d, args.n_eval, seed=eval_seed, template=template) for d in COLUMNS}
+    original = {d: accuracy(handle, [encode_pairs(ts, handle.tokenizer)], metric) for d, ts in held_out.items()}
     log.info("original model: %s", {COLUMN_NAMES[d]: round(v, 3) for d, v in original.items()})
 
     # training and validation data: + and - only, correct answers, disjoint from the held-out originals
     exclude = {t.original.text for ts in held_out.values() for t in ts}
     n_val = args.n_val or max(args.n_train // 4, args.batch_size)
-    train = {d: training_triples(handle, d, args.n_train, args.seed + 1, exclude, args.batch_size) for d in (VD, OI)}
+    train = {d: training_triples(handle, d, args.n_train, args.seed + 1, exclude, args.batch_size, template, metric)
+             for d in (VD, OI)}
     exclude |= {t.original.text for ts in train.values() for t in ts}
-    val = {d: training_triples(handle, d, n_val, args.seed + 2, exclude, args.batch_size) for d in (VD, OI)}
-    for name, data in (("training", train), ("validation", val)):
-        empty = [d for d, ts in data.items() if not ts]
-        if empty:
-            raise RuntimeError(f"the model answers none of the {name} triples of {empty} correctly: "
-                               "DCM needs a model that does the task (try a larger --n-train or another model)")
+    val = {d: training_triples(handle, d, n_val, args.seed + 2, exclude, args.batch_size, template, metric)
+           for d in (VD, OI)}
+    skipped = {d: common.no_correct_triples(d, args.n_train + n_val, len(train[d]) + len(val[d]))
+               for d in (VD, OI) if not train[d] or not val[d]}
+    for message in skipped.values():
+        log.warning(message)
 
     results = {"config": {k: str(v) for k, v in vars(args).items()}, "model": handle.name,
                "sites": [str(s) for s in sites], "n_eval": {d: len(v) for d, v in held_out.items()},
                "n_train": {d: len(v) for d, v in train.items()}, "n_val": {d: len(v) for d, v in val.items()},
-               "paper_table1": PAPER_TABLE1,
+               "paper_table1": PAPER_TABLE1, "template": template.name,
+               "answer_rule": describe_first_digit_rule(classes), "no_correct_triples": skipped,
                "table1": {"original": {**original, "n_patched": 0}}, "dcm": {}}
 
     # 2. + 3. DCM with the incomplete and the full desiderata, each binary mask on every held-out column
-    config = common.dcm_config(args, loss="logit_diff", penalty="l0.5", combine="alternate", prune=not args.no_prune)
+    config = common.dcm_config(args, loss="logit_diff", penalty="l0.5", combine="alternate", prune=not args.no_prune,
+                               answer_rule="first_digit")
     for row, desiderata in MASKS.items():
+        if any(d in skipped for d in desiderata):
+            continue
         log.info("DCM, %s: trained on %s", ROW_NAMES[row], ", ".join(desiderata))
         result = train_mask(handle, {d: train[d] for d in desiderata}, {d: val[d] for d in desiderata}, sites, config)
-        acc = evaluate_mask(handle, held_out, sites, result.selected_patched, args.batch_size)
+        acc = evaluate_mask(handle, held_out, sites, result.selected_patched, args.batch_size, "first_digit")
         results["table1"][row] = {**acc, "n_patched": len(result.selected_patched)}
         results["dcm"][row] = {**result.to_json(), "trained_on": list(desiderata), "heldout_accuracy": acc}
         report.heatmap(out / f"mask_{row}.png", mask_grid(arch, sites, result.selected_mask),
@@ -142,7 +155,8 @@ def render_report(results: dict) -> str:
     header = ["", *COLUMN_NAMES.values(), "# patched"]
 
     def rows(table: dict) -> list[list]:
-        return [[ROW_NAMES[r], *[f"{table[r][d]:.0%}" for d in COLUMNS], table[r]["n_patched"]] for r in ROW_NAMES]
+        return [[ROW_NAMES[r], *[f"{table[r][d]:.0%}" for d in COLUMNS], table[r]["n_patched"]]
+                for r in ROW_NAMES if r in table]
 
     def counts(n: dict) -> str:
         return ", ".join(f"{n[d]} {COLUMN_NAMES[d].split(' acc')[0]}" for d in n)
@@ -154,6 +168,8 @@ def render_report(results: dict) -> str:
              "(patching should leave it); accuracy on the answer's first digit, held-out programs "
              f"({results['n_eval'][VD]} per column, not filtered for correctness). The (*) columns are the "
              "transfer test: multiplication, which DCM never trained on.", "",
+             f"Programs in the {results['template']!r} format; answers judged by the {results['answer_rule']}.", "",
+             *[f"**No DCM with {d}**: {m}." for d, m in results["no_correct_triples"].items()],
              "## This run", "", report.markdown_table(header, rows(results["table1"])), "",
              "## The paper (LLaMA-13B)", "", report.markdown_table(header, rows(results["paper_table1"])), "",
              "## Masks", ""]

@@ -1,7 +1,8 @@
 """Prompts to token ids: named character spans become per-example token positions under left padding.
 
 `encode_prompts` tokenizes a list of prompts and left-pads them the way nnsight does (pad token: the tokenizer's,
-else its EOS), without changing the tokenizer. `encode_pairs` builds the `PairBatch` every method takes from
+else its EOS), without changing the tokenizer; a prompt with unknown words (<unk>) is an error naming them.
+Answers are tokenized in the context of their prompt (`answer_token_ids`). `encode_pairs` builds the `PairBatch` every method takes from
 triples, `encode_answers` from plain prompts (scored against their own answers).
 """
 from __future__ import annotations
@@ -15,12 +16,79 @@ import torch
 from lib.types import EncodedPrompts, PairBatch, Prompt, Triple
 
 
-def answer_token_id(tokenizer: Any, answer: str) -> int:
-    """The single token id of a continuation; multi-token answers are an error (the metrics read one logit)."""
+def _prompt_text(prompt: str | Prompt) -> str:
+    return prompt.text if isinstance(prompt, Prompt) else prompt
+
+
+def answer_token_ids(tokenizer: Any, prompts: Sequence[str | Prompt], answers: Sequence[str]) -> list[int]:
+    """The token the model should produce after each prompt: the first token `prompt + answer` has beyond `prompt`.
+
+    Tokenized in context because a word alone tokenizes differently (SentencePiece tokenizers of the Llama-2 /
+    Mistral kind give " apple" alone as "▁", "▁apple", after "contains the" as "▁apple"). The answer must add
+    exactly one token and leave the prompt's own tokens as they are (else the model's next token is not the answer's
+    first token: the error names the boundary).
+
+    Args:
+        prompts: n prompts (texts or Prompts), answers: n continuations.
+
+    Returns:
+        n token ids.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
+    texts = [_prompt_text(p) for p in prompts]
+    if not texts:
+        return []
+    enc = tokenizer([*texts, *(t + a for t, a in zip(texts, answers))], add_special_tokens=False)["input_ids"]
+    out = []
+    for text, answer, alone, joined in zip(texts, answers, enc[:len(texts)], enc[len(texts):]):
+        if joined[:len(alone)] != alone:
+            raise ValueError(
+                f"the answer {answer!r} merges with the end of the prompt {text[-20:]!r} for this tokenizer "
+                f"(prompt ends {tokenizer.convert_ids_to_tokens(alone[-2:])}, prompt + answer ends "
+                f"{tokenizer.convert_ids_to_tokens(joined[len(alone) - 2:])}): the model's next token cannot be the "
+                "answer. Move the boundary: end the prompt before the space and start the answer with it "
+                "(template answer_prefix)")
+        rest = joined[len(alone):]
+        if len(rest) != 1:
+            raise ValueError(f"target {answer!r} is {len(rest)} tokens after its prompt for this tokenizer "
+                             f"({tokenizer.convert_ids_to_tokens(rest)}); targets must be one token")
+        out.append(rest[0])
+    return out
+
+
+def answer_token_id(tokenizer: Any, answer: str, prompt: str | Prompt | None = None) -> int:
+    """The single token id of a continuation: in the context of `prompt` (see answer_token_ids), or alone when no
+    prompt is given; multi-token answers are an error (the metrics read one logit)."""
+    if prompt is not None:
+        return answer_token_ids(tokenizer, [prompt], [answer])[0]
     ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"target {answer!r} is {len(ids)} tokens for this tokenizer; targets must be one token")
     return ids[0]
+
+
+def unknown_words(tokenizer: Any, text: str) -> list[str]:
+    """The pieces of `text` this tokenizer maps to its unknown token (<unk>), in order, each once."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    words = [text[s:e] or "?" for token, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if token == unk]
+    return list(dict.fromkeys(words))
+
+
+def _check_known(prompts: Sequence[Prompt], tokenizer: Any, ids: Sequence[Sequence[int]]) -> None:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    bad = [p for p, row in zip(prompts, ids) if unk in row]
+    if bad:
+        words = list(dict.fromkeys(w for p in bad for w in unknown_words(tokenizer, p.text)))
+        raise ValueError(f"{len(bad)} of {len(prompts)} prompts have words this tokenizer does not know (<unk>): "
+                         f"{words[:10]}{' ...' if len(words) > 10 else ''}, e.g. in {bad[0].text!r}. Write the "
+                         "prompts in the model's own format (an entity or variable-binding template, --template "
+                         "FILE) or use words its vocabulary has")
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -65,6 +133,7 @@ def encode_prompts(prompts: Sequence[Prompt], tokenizer: Any) -> EncodedPrompts:
     if not prompts:
         raise ValueError("no prompts to encode")
     enc = tokenizer([p.text for p in prompts], return_offsets_mapping=True)
+    _check_known(prompts, tokenizer, enc["input_ids"])
     width = max(len(ids) for ids in enc["input_ids"])
     pad = pad_token_id(tokenizer)
     input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -80,7 +149,8 @@ def encode_prompts(prompts: Sequence[Prompt], tokenizer: Any) -> EncodedPrompts:
 
 
 def encode_answers(prompts: Sequence[Prompt], tokenizer: Any, answers: Sequence[str] | None = None) -> PairBatch:
-    """A batch of plain prompts scored against their own answers (or `answers`); no alternate.
+    """A batch of plain prompts scored against their own answers (or `answers`), each tokenized after its prompt;
+    no alternate.
 
     Returns:
         PairBatch(original=encode_prompts(prompts), target_ids=(n,) answer tokens).
@@ -88,7 +158,7 @@ def encode_answers(prompts: Sequence[Prompt], tokenizer: Any, answers: Sequence[
     answers = [p.answer for p in prompts] if answers is None else list(answers)
     if len(answers) != len(prompts):
         raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
-    targets = torch.tensor([answer_token_id(tokenizer, a) for a in answers])
+    targets = torch.tensor(answer_token_ids(tokenizer, prompts, answers))
     return PairBatch(encode_prompts(prompts, tokenizer), target_ids=targets)
 
 
@@ -96,18 +166,19 @@ def encode_pairs(triples: Sequence[Triple], tokenizer: Any) -> PairBatch:
     """A batch of triples: original and alternate runs, the target and the foil of each triple.
 
     The foil is the original's answer, or the alternate's where the target is the original's answer (a desideratum
-    that asks for no change), so a logit difference always compares the target with its competitor.
+    that asks for no change), so a logit difference always compares the target with its competitor. Both are
+    tokenized after the original prompt, the run they are scored on.
 
     Returns:
         PairBatch with target_ids, foil_ids (n,) and the triples' desideratum (the first one's).
     """
     if not triples:
         raise ValueError("no triples to encode")
-    targets = torch.tensor([answer_token_id(tokenizer, t.target) for t in triples])
-    foils = torch.tensor([
-        answer_token_id(tokenizer, t.original.answer if t.target != t.original.answer else t.alternate.answer)
-        for t in triples
-    ])
+    originals = [t.original for t in triples]
+    targets = torch.tensor(answer_token_ids(tokenizer, originals, [t.target for t in triples]))
+    foils = torch.tensor(answer_token_ids(
+        tokenizer, originals,
+        [t.original.answer if t.target != t.original.answer else t.alternate.answer for t in triples]))
     return PairBatch(encode_prompts([t.original for t in triples], tokenizer),
                      encode_prompts([t.alternate for t in triples], tokenizer), targets, foils, triples[0].desideratum)
 

@@ -108,27 +108,31 @@ def _between(prompt, i):
 
 
 VARIANT_CHECKS = {
-    "random_text_start": lambda o, a: len(a.text[:a.spans["object_0"][0]].split()) == 6,
-    "random_text_end": lambda o, a: len(a.text[a.spans[f"label_{N - 1}"][1]:a.spans["query_label"][0]].split()) == 7,
-    "extra_tokens_between": lambda o, a: all(len(_between(a, i).split()) == 5 for i in range(N)),
-    "extra_segment_start": lambda o, a: len(a.meta["objects"]) == N + 1 and a.meta["query"] >= 1,
-    "extra_segment_end": lambda o, a: len(a.meta["objects"]) == N + 1 and a.meta["query"] < N,
-    "extra_boxes_before": lambda o, a: len(a.meta["objects"]) == N + 2 and a.meta["query"] >= 2
+    "our_random_text_start": lambda o, a: len(a.text[:a.spans["object_0"][0]].split()) == 6,
+    "our_random_text_end": lambda o, a: len(a.text[a.spans[f"label_{N - 1}"][1]:a.spans["query_label"][0]].split())
+    == 7,
+    "our_extra_tokens_between": lambda o, a: all(len(_between(a, i).split()) == 5 for i in range(N)),
+    "our_extra_segment_start": lambda o, a: len(a.meta["objects"]) == N + 1 and a.meta["query"] >= 1,
+    "our_extra_segment_end": lambda o, a: len(a.meta["objects"]) == N + 1 and a.meta["query"] < N,
+    "our_extra_boxes_before": lambda o, a: len(a.meta["objects"]) == N + 2 and a.meta["query"] >= 2
     and not set(a.meta["objects"][a.meta["query"] - 2:a.meta["query"]]) & set(o.meta["objects"]),
-    "incorrect_box_segment": lambda o, a: a.text.count(" Bag ") == 1
+    "our_incorrect_box_segment": lambda o, a: a.text.count(" Bag ") == 1
     and a.text[a.spans["prev_query_label"][0] - 4:a.spans["prev_query_label"][0]] == "Box ",
-    "box_object_order": lambda o, a: all(a.spans[f"label_{i}"][0] < a.spans[f"object_{i}"][0] for i in range(N)),
-    "altered_association": lambda o, a: all(_between(a, i) == " belongs to Box " for i in range(N)),
-    "no_comma": lambda o, a: "," not in a.text,
-    "extra_comma": lambda o, a: a.text.count(",") == 2 * N - 1 and _between(a, 0) == ", is in Box ",
+    "our_box_object_order": lambda o, a: all(a.spans[f"label_{i}"][0] < a.spans[f"object_{i}"][0]
+                                             for i in range(N)),
+    "our_altered_association": lambda o, a: all(_between(a, i) == " belongs to Box " for i in range(N)),
+    "our_no_comma": lambda o, a: "," not in a.text,
+    "our_extra_comma": lambda o, a: a.text.count(",") == 2 * N - 1 and _between(a, 0) == ", is in Box ",
 }
 
 
 def test_every_variant_has_a_check():
-    assert set(VARIANT_CHECKS) == set(dg.VARIANTS) and len(dg.VARIANTS) == 11
+    assert set(VARIANT_CHECKS) == set(dg.OUR_VARIANTS) and len(dg.OUR_VARIANTS) == 11
+    assert set(A11_TEXTS) == set(dg.A11_VARIANTS) and len(dg.A11_VARIANTS) == 11
+    assert set(dg.VARIANTS) == set(dg.A11_VARIANTS) | set(dg.OUR_VARIANTS)
 
 
-@pytest.mark.parametrize("variant", list(dg.VARIANTS))
+@pytest.mark.parametrize("variant", list(dg.OUR_VARIANTS))
 def test_variant_invariants(variant):
     triples = dg.entity_triples("position", 10, n_boxes=N, seed=3, variant=variant)
     plain = dg.entity_triples("position", 10, n_boxes=N, seed=3)
@@ -144,8 +148,69 @@ def test_variant_invariants(variant):
     assert {t.alternate.text for t in triples}.isdisjoint(t.alternate.text for t in plain)
 
 
+def _plain(a):
+    """The alternate as the default prompt would have it, before the variant (its pre-insertion segments)."""
+    objs, labels = list(a.meta["objects"]), list(a.meta["labels"])
+    if a.meta["variant"] == "extra_segment_start":
+        objs, labels = objs[1:], labels[1:]
+    if a.meta["variant"] == "extra_segment_end":
+        objs, labels = objs[:-1], labels[:-1]
+    return dg.entity_tracking_prompt(objs, labels, a.meta["source_query"])
+
+
+# the authors' texts (Nix07/finetuning), rebuilt here from the plain alternate the way their code edits it
+A11_TEXTS = {
+    "random_text_start": lambda p: "There are a bunch of boxes containing objects, " + p.text[0].lower() + p.text[1:],
+    "random_text_end": lambda p: p.text.replace(". Box", ", these are a bunch of boxes containing objects. Box"),
+    "extra_tokens_between": lambda p: p.text.replace(
+        _queried_segment_of(p), _queried_segment_of(p).replace(" is in", " is contained in the")),
+    "extra_segment_start": lambda p: "The apple is in Box O, " + p.text[0].lower() + p.text[1:],
+    "extra_segment_end": lambda p: p.text.replace(". Box", ", the apple is in Box O. Box"),
+    "extra_boxes_before": lambda p: p.text.replace(
+        _queried_segment_of(p), ("there are three additional boxes, Box PP, Box BB and Box AA, "
+                                 + _queried_segment_of(p)[0].lower() + _queried_segment_of(p)[1:]))
+    if p.meta["query"] else "There are three additional boxes, Box PP, Box BB and Box AA, " + p.text[0].lower()
+    + p.text[1:],
+    "incorrect_box_segment": lambda p: p.text,
+    "box_object_order": lambda p: p.text.replace(
+        _queried_segment_of(p), f"Box {p.meta['labels'][p.meta['query']]} contains the "
+                                f"{p.meta['objects'][p.meta['query']]}"),
+    "altered_association": lambda p: p.text.replace(
+        _queried_segment_of(p), _queried_segment_of(p).replace(" is in", " is not in")),
+    "no_comma": lambda p: p.text.replace(", ", " "),
+    "extra_comma": lambda p: p.text.replace(" is", ", is"),
+}
+
+
+def _queried_segment_of(plain):
+    return plain.text.split(". ")[0].split(", ")[plain.meta["query"]]
+
+
+@pytest.mark.parametrize("variant", list(dg.A11_VARIANTS))
+def test_authors_table_a11_variants(variant):
+    triples = dg.entity_triples("position", 12, n_boxes=N, seed=3, variant=variant)
+    for t in triples:
+        o, a = t.original, t.alternate
+        _check_entity_prompt(o)
+        _check_entity_prompt(a)
+        plain = _plain(a)
+        assert a.text == A11_TEXTS[variant](plain), (a.text, plain.text)
+        assert o.text == dg.entity_tracking_prompt(o.meta["objects"], o.meta["labels"], o.meta["query"]).text
+        index = (a.meta["source_query"] + 1) % N if variant == "incorrect_box_segment" else a.meta["source_query"]
+        assert t.target == " " + o.meta["objects"][index]  # counted before the rewrite, as their code does
+    shifted = [t for t in triples if t.alternate.meta["query"] != t.alternate.meta["source_query"]]
+    assert bool(shifted) == (variant == "extra_segment_start")
+
+
+def test_authors_variants_are_position_and_alternate_only():
+    with pytest.raises(ValueError, match="Position desideratum only.*'our_no_comma'"):
+        dg.entity_triples("label", 2, variant="no_comma")
+    with pytest.raises(ValueError, match="Position desideratum only"):
+        dg.entity_triples("position", 2, variant="no_comma", variant_on="original")
+
+
 def test_variant_on_original_rewrites_the_original():
-    for t in dg.entity_triples("label", 10, n_boxes=N, seed=4, variant="no_comma", variant_on="original"):
+    for t in dg.entity_triples("label", 10, n_boxes=N, seed=4, variant="our_no_comma", variant_on="original"):
         _check_entity_prompt(t.original)
         assert "," not in t.original.text and "," in t.alternate.text
         alt_label = t.alternate.meta["labels"][t.alternate.meta["query"]]
@@ -207,8 +272,8 @@ def test_transfer_value_dependence_on_multiplication():
 def _mixed_triples():
     """Triples of different lengths: 3 and 5 boxes, two variants, programs over two and three variables."""
     return (dg.entity_triples("label", 3, n_boxes=3, seed=8)
-            + dg.entity_triples("position", 3, n_boxes=5, seed=9, variant="extra_boxes_before")
-            + dg.entity_triples("object", 2, n_boxes=4, seed=10, variant="random_text_start")
+            + dg.entity_triples("position", 3, n_boxes=5, seed=9, variant="our_extra_boxes_before")
+            + dg.entity_triples("object", 2, n_boxes=4, seed=10, variant="our_box_object_order")
             + dg.vb_triples("value_dependence", 3, seed=11, names=("x", "y"))
             + dg.vb_triples("operation_invariance", 3, seed=12))
 
@@ -244,8 +309,10 @@ def test_positions_point_at_their_tokens_in_padded_batches(which, word_tokenizer
         objs = dg.usable_objects(bpe_tokenizer, need=10)
         assert len(objs) < len(dg.OBJECTS)  # some objects really are split by it
         triples = (dg.entity_triples("label", 3, n_boxes=3, seed=8, tokenizer=bpe_tokenizer)
-                   + dg.entity_triples("position", 3, n_boxes=5, seed=9, variant="extra_comma", tokenizer=bpe_tokenizer)
-                   + dg.entity_triples("object", 2, n_boxes=4, seed=10, variant="random_text_end", objects=objs)
+                   + dg.entity_triples("position", 3, n_boxes=5, seed=9, variant="our_extra_comma",
+                                     tokenizer=bpe_tokenizer)
+                   + dg.entity_triples("object", 2, n_boxes=4, seed=10, variant="our_random_text_end",
+                                     objects=objs)
                    + triples[-6:])
     entity_names = {"object_0", "label_2", "query_label", "prev_query_label", "correct_object", "last"}
     batches = list(dg.iter_pair_batches(triples, tokenizer, batch_size=8))
@@ -299,7 +366,7 @@ def test_splits_are_disjoint_by_original_text():
 
 
 def test_jsonl_round_trip(tmp_path):
-    triples = (dg.entity_triples("label", 4, n_boxes=3, variant="extra_segment_start")
+    triples = (dg.entity_triples("label", 4, n_boxes=3, variant="our_extra_segment_start")
                + dg.vb_triples("value_dependence", 4))
     path = dg.save_triples(triples, tmp_path / "sub" / "data.jsonl")
     assert len(path.read_text().splitlines()) == 8
