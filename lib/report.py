@@ -50,12 +50,15 @@ def _save(fig, path: Path) -> Path:
 
 
 def heatmap(path: Path, matrix: np.ndarray, title: str, xlabel: str = "head", ylabel: str = "layer",
-            vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> Path:
-    """A layer x head grid (row 0 at the bottom, like a model's depth)."""
+            vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis",
+            xticklabels: Sequence[str] | None = None) -> Path:
+    """A layer x head grid (row 0 at the bottom, like a model's depth); `xticklabels` names the columns."""
     matrix = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 0.45 * matrix.shape[1]), max(2.8, 1.2 + 0.4 * matrix.shape[0])))
     im = ax.imshow(matrix, origin="lower", vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
     ax.set_xticks(range(matrix.shape[1]))
+    if xticklabels is not None:
+        ax.set_xticklabels(xticklabels, fontsize=7)
     ax.set_yticks(range(matrix.shape[0]))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
