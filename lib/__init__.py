@@ -11,6 +11,9 @@ The public API, importable from here (each name lives in the module shown; loade
     DCMConfig, train_mask, evaluate_mask, lambda_sweep          lib.mask_intervention
     cmap_scores, cmap_accuracy                   lib.cmap
     path_patch                                   lib.path_patching
+    attribution_scan, edge_attribution, rank_sites   lib.attribution     first-order patching from gradients
+    gradient_hints                               lib.gradient_hints
+    logit_lens                                   lib.logit_lens
     faithfulness, completeness, minimality       lib.metrics
 
 Layers (a module imports only from layers below it): lib.types <- lib.core <- lib.data <- lib.builtin <-
@@ -34,6 +37,8 @@ _EXPORTS = {
     "evaluate_mask": "lib.mask_intervention", "lambda_sweep": "lib.mask_intervention",
     "cmap_scores": "lib.cmap", "cmap_accuracy": "lib.cmap",
     "path_patch": "lib.path_patching",
+    "attribution_scan": "lib.attribution", "edge_attribution": "lib.attribution", "rank_sites": "lib.attribution",
+    "gradient_hints": "lib.gradient_hints", "logit_lens": "lib.logit_lens",
     "faithfulness": "lib.metrics", "completeness": "lib.metrics", "minimality": "lib.metrics",
 }
 __all__ = sorted(_EXPORTS)

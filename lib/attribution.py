@@ -129,22 +129,22 @@ def _grad_dtype(handle: ModelHandle) -> torch.dtype:
     return torch.promote_types(first.dtype if first is not None else torch.float32, torch.float32)
 
 
-def zero_deltas(handle: ModelHandle, prompts: EncodedPrompts, keys: Iterable[RowKey]) -> dict[RowKey, torch.Tensor]:
-    """A zero leaf (batch, width) per row that requires grad: added to the row, its .grad is dM/d(row)."""
-    dtype = _grad_dtype(handle)
-    return {key: torch.zeros(prompts.size, _row_width(handle, key[0]), dtype=dtype, requires_grad=True)
-            for key in set(keys)}
+def _zero_leaf(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor that requires grad, on `like`'s device: added to an activation, its .grad is dM/d(it)."""
+    return torch.zeros(shape, device=like.device, dtype=dtype, requires_grad=True)
 
 
-def add_row_deltas(handle: ModelHandle, prompts: EncodedPrompts, deltas: dict[RowKey, torch.Tensor]) -> Activations:
-    """Trace-body helper: add each `deltas[key]` (a zero leaf) to its row and return the rows as read (live).
+def add_row_deltas(handle: ModelHandle, prompts: EncodedPrompts, keys: Iterable[RowKey],
+                   dtype: torch.dtype) -> tuple[Activations, dict[RowKey, torch.Tensor]]:
+    """Trace-body helper: add a zero leaf (batch, width) to each row; returns the rows as read (live) and the leaves.
 
-    The forward is unchanged (the deltas are zero); after a backward each delta's .grad is the gradient at its
-    row. Adds rather than writes, so two named positions at the same token both get their gradient; nothing is
-    done in place on a tensor in the graph.
+    The forward is unchanged (the leaves are zero); after a backward each leaf's .grad is the gradient at its row.
+    The leaves are made on the row's own device (sharded models keep each layer where it is). It adds rather than
+    writes, so two named positions at the same token both get their gradient, and nothing is done in place on a
+    tensor of the graph.
     """
-    rows = {}
-    for layer, kinds in _rows_by_layer(deltas).items():
+    rows, leaves = {}, {}
+    for layer, kinds in _rows_by_layer(keys).items():
         for kind, positions in kinds.items():
             if not positions:
                 continue
@@ -155,10 +155,14 @@ def add_row_deltas(handle: ModelHandle, prompts: EncodedPrompts, deltas: dict[Ro
                 key = (kind, layer, position)
                 idx = prompts.positions[position].to(current.device)
                 rows[key] = current[examples, idx]
-                added = added.index_put((examples, idx), deltas[key].to(current.device, current.dtype),
-                                        accumulate=True)
+                leaves[key] = _zero_leaf(rows[key].shape, current, dtype)
+                added = added.index_put((examples, idx), leaves[key].to(current.dtype), accumulate=True)
             _write(handle, kind, layer, current + added)
-    return rows
+    return rows, leaves
+
+
+def _grad(leaf: torch.Tensor) -> torch.Tensor:
+    return leaf.grad.detach() if leaf.grad is not None else torch.zeros_like(leaf.detach())
 
 
 def row_gradients(handle: ModelHandle, batch: PairBatch, keys: Iterable[RowKey],
@@ -172,18 +176,16 @@ def row_gradients(handle: ModelHandle, batch: PairBatch, keys: Iterable[RowKey],
 
     Returns:
         ({RowKey: (batch, width)} rows, {RowKey: (batch, width)} d objective / d row, (batch,) objective values),
-        all detached.
+        detached, on the CPU.
     """
-    prompts = batch.original
-    deltas = zero_deltas(handle, prompts, keys)
+    prompts, dtype = batch.original, _grad_dtype(handle)
     with handle.trace(prompts.inputs()):
-        rows = add_row_deltas(handle, prompts, deltas)
+        rows, leaves = add_row_deltas(handle, prompts, set(keys), dtype)
         value = objective(last_logits(handle), batch)
         value.sum().backward()
-        rows = nnsight.save({k: v.detach() for k, v in rows.items()})
-        value = value.detach().save()
-    grads = {k: d.grad.detach() if d.grad is not None else torch.zeros_like(d) for k, d in deltas.items()}
-    return {k: v.cpu() for k, v in rows.items()}, grads, value.cpu()
+        out = nnsight.save(({k: v.detach().cpu() for k, v in rows.items()},
+                            {k: _grad(leaf).cpu() for k, leaf in leaves.items()}, value.detach().cpu()))
+    return out
 
 
 # ---- node attribution -------------------------------------------------------------------------------------------
@@ -332,13 +334,6 @@ def _head_contribution(handle: ModelHandle, layer: int, head: int, dz: torch.Ten
     return out_proj(masked) - out_proj(torch.zeros_like(dz))
 
 
-def _residual_leaves(handle: ModelHandle, prompts: EncodedPrompts, layers: Iterable[int]) -> dict[int, torch.Tensor]:
-    """A zero leaf (batch, width, d_model) per layer whose input residual stream is differentiated; layer
-    n_layers stands for the final norm's input."""
-    return {layer: torch.zeros(prompts.size, prompts.width, handle.arch.d_model, dtype=_grad_dtype(handle),
-                               requires_grad=True) for layer in sorted(set(layers))}
-
-
 def _residual_module(handle: ModelHandle, layer: int):
     arch = handle.arch
     return arch.final_norm(handle.model) if layer == arch.n_layers else arch.layer(handle.model, layer)
@@ -350,21 +345,22 @@ def _edge_batch(handle: ModelHandle, batch: PairBatch, senders: list[Site], rece
     arch, prompts = handle.arch, batch.original
     if source is None:
         source = collect(handle, batch.alternate, senders)
-    recv_layers = [arch.n_layers] if receivers is None else [r.component.layer for r in receivers]
+    recv_layers = {arch.n_layers} if receivers is None else {r.component.layer for r in receivers}
     keys = {s.row_key for s in senders} | {r.row_key for r in receivers or []}
-    deltas = zero_deltas(handle, prompts, keys)
-    leaves = _residual_leaves(handle, prompts, recv_layers)
-    examples = torch.arange(prompts.size)
+    dtype = _grad_dtype(handle)
     with handle.trace(prompts.inputs()):
-        rows, residuals = {}, {}
+        rows, deltas, leaves, residuals = {}, {}, {}, {}
         for layer in range(arch.n_layers + 1):
-            if layer in leaves:
+            if layer in recv_layers:  # a zero leaf on the whole residual stream entering the receiver's layer
                 module = _residual_module(handle, layer)
                 x = module.input
-                residuals[layer] = leaves[layer].to(x.device, x.dtype)
+                leaves[layer] = _zero_leaf(x.shape, x, dtype)
+                residuals[layer] = leaves[layer].to(x.dtype)
                 module.input = x + residuals[layer]
             if layer < arch.n_layers:
-                rows.update(add_row_deltas(handle, prompts, {k: d for k, d in deltas.items() if k[1] == layer}))
+                read, made = add_row_deltas(handle, prompts, [k for k in keys if k[1] == layer], dtype)
+                rows.update(read)
+                deltas.update(made)
         value = metric(last_logits(handle), batch)
         value.sum().backward(retain_graph=receivers is not None)
         if receivers is None:
@@ -373,6 +369,7 @@ def _edge_batch(handle: ModelHandle, batch: PairBatch, senders: list[Site], rece
             path = RECEIVER_PATHS[kind]
             paths = [path(handle, r, rows[r.row_key], deltas[r.row_key].grad, residuals[r.component.layer])
                      for r in receivers]
+        examples = torch.arange(prompts.size)
         with torch.no_grad():
             changes = []
             for s in senders:
@@ -389,8 +386,8 @@ def _edge_batch(handle: ModelHandle, batch: PairBatch, senders: list[Site], rece
                         continue
                     at = w[examples.to(w.device), prompts.positions[s.position].to(w.device)]
                     line.append((dc.to(at.device, at.dtype) * at).sum().float())
-                table.append(torch.stack(line))
-            scores = nnsight.save(torch.stack(table).cpu())
+                table.append(torch.stack(line).cpu())
+            scores = nnsight.save(torch.stack(table))
     return scores
 
 
