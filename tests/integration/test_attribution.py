@@ -119,7 +119,7 @@ def test_attribution_ranks_correlate_with_patching_on_planted_models(builtin_mod
 
     Most planted sites do nothing: their patching effects are float32 round-off (|effect| ~1e-6 on logits of
     ~10) and would rank at random; values below 1e-4 of a vector's largest count as ties (rank_correlation's
-    floor). Measured with the floor: 1.00 for every desideratum of both variants; raw, 0.1-0.35.
+    floor). Measured with the floor: 0.99-1.00 for every desideratum of both variants; raw, 0.13-0.34.
     """
     handle = builtin_model(f"planted:{variant}")
     sites = [s for p in POSITIONS for s in sites_at(all_components(handle.arch, mlps=False), p)]

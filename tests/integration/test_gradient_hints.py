@@ -90,7 +90,7 @@ def test_hints_equal_the_plain_pytorch_gradient_norm(word_tokenizer):
 def test_hints_point_at_the_planted_circuit_above_every_distractor(builtin_model, variant):
     """Each circuit head at its working position (lib.builtin.circuits.planted_working_sites) gets a larger hint
     than every distractor head at every position, for every way of choosing the wrong answer and both losses.
-    Measured: circuit >= 0.65, distractors <= 0.0016 (strong) / 0.0008 (positional)."""
+    Measured: circuit >= 0.64, distractors <= 0.0016 (strong) / 0.0008 (positional)."""
     handle = builtin_model(f"planted:{variant}")
     batch = _answers(handle.tokenizer)
     sites = [s for p in POSITIONS for s in sites_at(all_components(handle.arch, mlps=False), p)]
