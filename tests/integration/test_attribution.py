@@ -349,3 +349,26 @@ def test_site_grid_and_heatmap(linear, tmp_path):
     assert grid[0, 1] == 0.5 and grid[2, 4] == -2.0 and int((~torch.isnan(torch.tensor(grid))).sum()) == 2
     path = site_heatmap(tmp_path / "attr.png", handle, sites, [0.5, -2.0, 7.0], "last", "attribution at last")
     assert path.exists() and path.stat().st_size > 1000
+
+
+def test_offloaded_device_map_equals_in_memory(word_tokenizer, tmp_path):
+    """accelerate's hooks (a layer offloaded to disk, the CPU stand-in for sharding) leave attribution, edge
+    scores and the logit lens unchanged: the zero leaves are made where each row lives and the ad hoc module calls
+    (o_proj, final norm, unembedding) go through the hooks."""
+    from lib.logit_lens import logit_lens
+
+    module = random_model("llama", vocab_size=len(word_tokenizer), n_layers=3, n_heads=4, d_model=64, seed=13)
+    module.save_pretrained(tmp_path)
+    word_tokenizer.save_pretrained(tmp_path)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    handles = [load_model(module, tokenizer=word_tokenizer),
+               load_model(tmp_path, device_map=device_map, offload_folder=str(tmp_path / "offload"))]
+    pair = _pairs(word_tokenizer, seed=5)
+    sites = [Site(Component(1, 2)), Site(Component(1)), Site(Component(0, 1), "query_label")]
+    nodes = [attribution_scan(h, [pair], sites, metric=logit_diff) for h in handles]
+    edges = [edge_attribution(h, [pair], sites[2:], [Site(Component(1, 0)), Site(Component(2, 3))]) for h in handles]
+    lenses = [logit_lens(h, pair, k=4) for h in handles]
+    assert torch.allclose(nodes[0], nodes[1], atol=1e-5) and nodes[0].abs().max() > 1e-4
+    assert torch.allclose(edges[0], edges[1], atol=1e-6) and edges[0].abs().max() > 1e-6
+    assert torch.allclose(lenses[0].top_logits, lenses[1].top_logits, atol=1e-5)
