@@ -72,9 +72,10 @@ def choose_wrong(unembedding: torch.Tensor, logits: torch.Tensor, targets: torch
     mask = _candidate_mask(logits.shape[1], targets.cpu(), candidates)
     if choice == "lowest_logit":
         return logits.masked_fill(~mask, float("inf")).argmin(-1)
-    rows = unembedding.float().cpu()
-    rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)   # a zero row has cosine 0 with everything
-    cosine = rows[targets.cpu()] @ rows.T                              # (batch, vocab)
+    weight = unembedding.detach()
+    picked = weight[targets.to(weight.device)].float()
+    norms = weight.float().norm(dim=-1).clamp_min(1e-12)               # a zero row has cosine 0 with everything
+    cosine = (picked @ weight.float().T / norms / norms[targets.to(weight.device)][:, None]).cpu()  # (batch, vocab)
     cosine = cosine.masked_fill(~mask, float("inf"))
     lowest = cosine.min(-1, keepdim=True).values
     tied = cosine <= lowest + 1e-6
@@ -86,7 +87,15 @@ def _fixed_wrong(handle: ModelHandle, batch: PairBatch, wrong: WrongChoice | int
     targets = batch.require_targets("gradient hints")
     if isinstance(wrong, str) and wrong in WRONG_CHOICES:
         return None
-    token = answer_token_id(handle.tokenizer, wrong) if isinstance(wrong, str) else wrong
+    token = wrong
+    if isinstance(wrong, str):
+        not_a_token = f"wrong={wrong!r} is neither a choice ({', '.join(WRONG_CHOICES)}) nor one token of the vocabulary"
+        try:
+            token = answer_token_id(handle.tokenizer, wrong)
+        except ValueError as err:
+            raise ValueError(f"{not_a_token}: {err}") from err
+        if token == handle.tokenizer.unk_token_id:
+            raise ValueError(not_a_token)
     vocab = handle.lm.config.vocab_size
     if not 0 <= token < vocab:
         raise ValueError(f"wrong answer token id {token} is outside the vocabulary (size {vocab})")

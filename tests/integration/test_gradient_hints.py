@@ -120,6 +120,10 @@ def test_hint_errors_and_heatmap(builtin_model, tmp_path):
         gradient_hints(handle, [batch], sites, loss="hinge")
     with pytest.raises(ValueError, match="wrong="):
         gradient_hints(handle, [batch], sites, wrong=None)
+    with pytest.raises(ValueError, match="neither a choice .* is 3 tokens"):
+        gradient_hints(handle, [batch], sites, wrong="most-dissimilar")
+    with pytest.raises(ValueError, match="neither a choice"):
+        gradient_hints(handle, [batch], sites, wrong="zebra")   # one token, but the unknown one
     with pytest.raises(ValueError, match="scores against target tokens"):
         gradient_hints(handle, [PairBatch(batch.original)], sites)
     with pytest.raises(ValueError, match="at least one batch"):
