@@ -16,7 +16,7 @@ from lib.data_gen import encode_pairs, entity_triples, random_entity_prompt
 from lib.evaluation import scores
 from lib.models import load_model
 from lib.patching import collect, mean_activations, patching_scan, sites_at
-from lib.scores import logit_diff, target_hit, target_logit, target_prob
+from lib.scores import logit_diff, target_hit, target_logit
 from lib.types import Component, PairBatch, Site, Triple
 
 POSITIONS = ("last", "query_label", "prev_query_label")
