@@ -4,7 +4,8 @@
   deterministically (fixed seed) into .ndif/models/random-llama on every `make ndif-up`.
 - every built-in toy model saved under lib/builtin/toy_models/<name> (save_pretrained format), deployed in place.
 - the planted models in PLANTED (hand-weighted, built in memory by lib.builtin.planted), saved to .ndif/models/planted-<v>,
-  so that the workflows' default model (`planted:strong`) runs with `--remote` too.
+  so that the workflows' default models (`planted:strong`, `planted:paper-base` / `planted:paper-ft`) run with
+  `--remote` too.
 
 Each model is deployed under the remote key the client computes for the same directory
 (lib.core.remote.model_key), with its measured size, float32 weights and the project's CPU actor.
@@ -25,7 +26,8 @@ log = logging.getLogger("ndif.models")
 ROOT = Path(__file__).resolve().parent.parent
 TOY_DIR = ROOT / "lib" / "builtin" / "toy_models"
 ACTOR_CLASS = "ndif_cpu_actor.CPUModelActor"
-PLANTED = ("strong",)  # each deployed model is a Ray actor of ~0.5 GB: only the workflows' default
+PLANTED = ("strong", "paper-base", "paper-ft")  # each deployed model is a Ray actor of ~0.5 GB: only the
+# workflows' defaults (planted:strong, and the paper pair for the entity-tracking workflow's base and fine-tune)
 
 # The random model the remote tests compare against a local run (tests/test_remote.py imports these).
 RANDOM_NAME = "random-llama"

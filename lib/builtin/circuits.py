@@ -1,7 +1,7 @@
 """The known circuits of the built-in models, in one place, as groups of sites (heads at named positions).
 
 - planted models: read from `lib.builtin.planted.ground_truth` (the construction itself): every circuit head at
-  the position it works at ("label_i" expands to every box label).
+  the position it works at ("label_i" expands to every box label); the paper pair by Prakash et al.'s groups.
 - toy entity models: the mechanism measured in docs/TOY_MODELS.md (binding at the box labels, label matching at
   the query label, the mover at the last token), plus control groups at positions where it does not run.
 
@@ -22,10 +22,14 @@ def _expand(component: Component, position: str, n_boxes: int) -> list[Site]:
 
 
 def planted_circuit(variant: str = "strong", n_boxes: int = 7) -> dict[str, list[Site]]:
-    """{role: sites} of a planted model's circuit (e.g. "value fetcher": [L2H3@last])."""
-    truth = planted.ground_truth(variant)
-    return {entry["role"]: _expand(Component.parse(entry["component"]), entry["position"], n_boxes)
-            for entry in truth["circuit"]}
+    """{group: sites} of a planted model's circuit: by role for strong / weak / positional (e.g. "value fetcher":
+    [L2H3@last]); by the paper's group for paper-base / paper-ft ("Value Fetcher": [L3H2@last, L3H0@last], ...,
+    "Structure Reader": [L0H1@prev_query_label, L0H2@prev_query_label])."""
+    groups: dict[str, list[Site]] = {}
+    for entry in planted.ground_truth(variant)["circuit"]:
+        sites = _expand(Component.parse(entry["component"]), entry["position"], n_boxes)
+        groups.setdefault(entry.get("group", entry["role"]), []).extend(sites)
+    return groups
 
 
 def planted_working_sites(variant: str = "strong") -> list[Site]:
