@@ -20,6 +20,7 @@ from lib.data.encoding import (answer_batches, answer_token_id, encode_answers, 
                                iter_pair_batches, pad_token_id, token_positions)
 from lib.data.entity import (FILLER, LABELS, OBJECTS, SEGMENT, entity_tracking_prompt, random_entity_prompt,
                              render_entity_prompt, usable_labels, usable_objects)
+from lib.data.noise import NOISE_KINDS, absent_query_noise_triples, path_patching_noise
 from lib.data.triples import load_triples, save_triples, split_triples, triple_from_dict, triple_to_dict
 from lib.data.variants import VARIANTS, apply_variant
 from lib.data.varbind import (DIGITS, OPERATIONS, VB_DESIDERATA, VB_NAMES, operation_invariance_triples,
@@ -31,6 +32,7 @@ __all__ = [
     "ENTITY_DESIDERATA", "entity_noise_triples", "entity_targets", "entity_triples",
     "answer_batches", "answer_token_id", "encode_answers", "encode_pairs", "encode_prompts", "iter_pair_batches",
     "pad_token_id", "token_positions",
+    "NOISE_KINDS", "absent_query_noise_triples", "path_patching_noise",
     "FILLER", "LABELS", "OBJECTS", "SEGMENT", "entity_tracking_prompt", "random_entity_prompt",
     "render_entity_prompt", "usable_labels", "usable_objects",
     "load_triples", "save_triples", "split_triples", "triple_from_dict", "triple_to_dict",

@@ -68,7 +68,7 @@ def test_an_incomplete_circuit_is_caught(setup):
 def test_minimality_of_the_true_circuit(setup):
     handle, batches, means = setup
     distractor = Site(Component(1, 1), "last")
-    scores = M.minimality(handle, batches, CIRCUIT + [distractor], means, max_k=0)
+    scores = M.greedy_minimality(handle, batches, CIRCUIT + [distractor], means, max_k=0)
     assert scores[FETCHER[0]] >= 0.9 and scores[MOVER[0]] >= 0.4
     assert scores[distractor] <= 0.01   # contributes nothing: minimality would prune it
 
