@@ -142,6 +142,21 @@ class Circuit:
                    dict(d.get("config", {})),
                    {_site(s): {**row, "K": [_site(k) for k in row["K"]]} for s, row in d.get("minimality", {}).items()})
 
+    def retake(self, sizes: Mapping[str, int], overlap: Sequence[tuple[str, str]] | None = None,
+               min_effect: float | None = None) -> Circuit:
+        """The groups re-taken from the saved step scores at other sizes (the authors' final 58 / 10 / 25 / 5), with
+        the overlap rule (default: the one the discovery used) and the floor applied again; groups not in `sizes`
+        keep their size."""
+        if overlap is None:
+            overlap = [tuple(pair) for pair in self.config.get("overlap", [])]
+        groups = [Group(g.name, g.position, g.receivers, g.input, [], {}) for g in self.groups]
+        for g in groups:
+            size = sizes.get(g.name, len(self.group(g.name).heads))
+            order = _ranked(self.step_scores.get(g.name, {}), min_effect)[:size]
+            g.heads, g.scores = [s for s, _ in order], dict(order)
+        _apply_overlap(groups, overlap)
+        return Circuit(groups, self.step_scores, {**self.config, "retaken": dict(sizes)}, {})
+
     def save(self, path: str | Path) -> None:
         """Write the circuit as JSON (infinite minimality scores as Infinity)."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
@@ -149,6 +164,28 @@ class Circuit:
     @classmethod
     def load(cls, path: str | Path) -> Circuit:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _ranked(scores: Mapping[Site, float], min_effect: float | None) -> list[tuple[Site, float]]:
+    """The scored senders, most negative first; with min_effect only those <= -min_effect."""
+    order = sorted(scores.items(), key=lambda item: item[1])
+    return order if min_effect is None else [(s, v) for s, v in order if v <= -min_effect]
+
+
+def _check_overlap(names: set[str], overlap: Sequence[tuple[str, str]]) -> None:
+    for a, b in overlap:
+        if a not in names or b not in names:
+            raise ValueError(f"overlap rule ({a!r}, {b!r}) names a group the schedule does not find")
+
+
+def _apply_overlap(groups: Sequence[Group], overlap: Sequence[tuple[str, str]]) -> None:
+    """In place: heads of `group` whose head is also in `other` leave `group`, for each (group, other)."""
+    by_name = {g.name: g for g in groups}
+    _check_overlap(set(by_name), overlap)
+    for a, b in overlap:
+        other = {s.component for s in by_name[b].heads}
+        by_name[a].heads = [s for s in by_name[a].heads if s.component not in other]
+        by_name[a].scores = {s: by_name[a].scores[s] for s in by_name[a].heads}
 
 
 def check_schedule(schedule: Schedule) -> None:
@@ -220,12 +257,10 @@ def discover_circuit(
     batches = list(batches)
     if not batches:
         raise ValueError("discover_circuit needs at least one batch of (original, noise) pairs")
-    names = {s.group for s in schedule}
     if overlap is None:
         overlap = AUTHORS_OVERLAP if tuple(schedule) == AUTHORS_SCHEDULE else ()
-    for a, b in overlap:
-        if a not in names or b not in names:
-            raise ValueError(f"overlap rule ({a!r}, {b!r}) names a group the schedule does not find")
+    overlap = [tuple(pair) for pair in overlap]
+    _check_overlap({s.group for s in schedule}, overlap)
     ranked: dict[str, list[tuple[Site, float]]] = {}
     groups: list[Group] = []
     step_scores: dict[str, dict[Site, float]] = {}
@@ -242,19 +277,13 @@ def discover_circuit(
         else:
             scores = _scores(handle, batches, senders, receivers, step.input, senders_per_pass, progress)
         step_scores[step.group] = scores
-        order = sorted(scores.items(), key=lambda item: item[1])
-        if min_effect is not None:
-            order = [(s, v) for s, v in order if v <= -min_effect]
+        order = _ranked(scores, min_effect)
         ranked[step.group] = order
         log.info("%s (%s -> %s %s): %s", step.group, step.position, step.receivers or "logits", step.input,
                  ", ".join(f"{s} {v:.3f}" for s, v in order[:5]))
         groups.append(Group(step.group, step.position, step.receivers, step.input,
                             [s for s, _ in order[:step.size]], dict(order[:step.size])))
-    by_name = {g.name: g for g in groups}
-    for a, b in overlap:
-        other = {s.component for s in by_name[b].heads}
-        by_name[a].heads = [s for s in by_name[a].heads if s.component not in other]
-        by_name[a].scores = {s: by_name[a].scores[s] for s in by_name[a].heads}
+    _apply_overlap(groups, overlap)
     config = {"model": handle.name, "schedule": [vars(s) for s in schedule], "overlap": [list(p) for p in overlap],
               "min_effect": min_effect, "examples": sum(b.size for b in batches), "senders_per_pass": senders_per_pass}
     return Circuit(groups, step_scores, config)
