@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any
 
 from lib import metrics
 from lib.core.handle import ModelHandle
-from lib.path_patching import HEAD_INPUTS, SENDERS_PER_PASS, HeadInput, path_patch
+from lib.path_patching import HEAD_INPUTS, SENDERS_PER_PASS, Batching, HeadInput, noise_runs, path_patch
 from lib.types import Activations, Component, PairBatch, Site
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,24 @@ AUTHORS_SCHEDULE: tuple[Step, ...] = (
     Step("Structure Reader", "prev_query_label", "Position Detector", "v", k=5, size=5),
 )
 """Prakash et al.'s schedule with the authors' Llama-7B top-k (20 / 5 / 10) and final group sizes (58 / 10 / 25 / 5)."""
+
+LABEL_SCHEDULE: tuple[Step, ...] = (
+    Step("Value Fetcher", "last", None, "out", k=20, size=58),
+    Step("Query-label Mover", "last", "Value Fetcher", "q", k=5, size=10),
+    Step("Object Binder", "prev_query_label", "Value Fetcher", "v", k=5, size=5),
+)
+"""A fetch keyed on the label's identity (planted:strong): a mover writes the queried label where the fetcher
+queries, a binder writes the object into its box label's stream, which the fetcher reads as a value."""
+
+QUERY_LABEL_SCHEDULE: tuple[Step, ...] = (
+    Step("Value Fetcher", "last", None, "out", k=20, size=58),
+    Step("Label Matcher", "query_label", "Value Fetcher", "v", k=10, size=25),
+    Step("Binder", "prev_query_label", "Label Matcher", "v", k=5, size=5),
+)
+"""The authors' schedule without the Position Transmitter: the fetchers read the query label's stream directly as
+a value (the toy entity models, docs/CIRCUITS.md), whose heads read the queried box's label as a value."""
+
+SCHEDULES = {"authors": AUTHORS_SCHEDULE, "label": LABEL_SCHEDULE, "query_label": QUERY_LABEL_SCHEDULE}
 
 AUTHORS_OVERLAP: tuple[tuple[str, str], ...] = (("Value Fetcher", "Position Transmitter"),)
 """(group, other): heads of `group` also listed in `other` are dropped from `group` (the authors' rule)."""
@@ -217,14 +236,14 @@ def step_senders(handle: ModelHandle, step: Step, receivers: Sequence[Site]) -> 
             if (s := Site(Component(layer, h), step.position)) not in skip]
 
 
-def _scores(handle: ModelHandle, batches: Sequence[PairBatch], senders: list[Site], receivers: list[Site] | None,
-            kind: str, per_pass: int, progress: bool) -> dict[Site, float]:
-    """Path-patching scores averaged over every example of `batches`."""
+def _scores(handle: ModelHandle, batches: Sequence[PairBatch], runs: list, senders: list[Site],
+            receivers: list[Site] | None, kind: str, options: Mapping[str, Any], progress: bool) -> dict[Site, float]:
+    """Path-patching scores averaged over every example of `batches` (runs: each batch's NoiseRuns, or None)."""
     total = sum(b.size for b in batches)
     out = {s: 0.0 for s in senders}
-    for batch in batches:
-        for s, v in path_patch(handle, batch, senders, receivers, receiver_input=kind, senders_per_pass=per_pass,
-                               progress=progress).items():
+    for batch, run in zip(batches, runs):
+        for s, v in path_patch(handle, batch, senders, receivers, receiver_input=kind, runs=run, progress=progress,
+                               **options).items():
             out[s] += v * batch.size / total
     return out
 
@@ -237,6 +256,8 @@ def discover_circuit(
     overlap: Sequence[tuple[str, str]] | None = None,
     min_effect: float | None = None,
     senders_per_pass: int = SENDERS_PER_PASS,
+    batching: Batching = "stack",
+    reuse_prefix: bool = True,
     progress: bool = True,
 ) -> Circuit:
     """Run a path-patching schedule (default: the authors') and return the groups it finds.
@@ -248,10 +269,12 @@ def discover_circuit(
         overlap: (group, other) pairs: heads of `group` also in `other` are dropped from `group`; None = the
             authors' rule (AUTHORS_OVERLAP) for their schedule, no rule for any other.
         min_effect: keep a head only if its score <= -min_effect (None: pure top-k, as the authors).
-        senders_per_pass: senders served by one forward pass (lib.path_patching).
+        senders_per_pass, batching, reuse_prefix: how lib.path_patching.path_patch runs (they change the speed,
+            not the scores).
 
     Returns:
-        Circuit with one Group per step, in schedule order, and every step's scores.
+        Circuit with one Group per step, in schedule order, every step's scores, and in config the settings and
+        each step's wall and process CPU time in seconds.
     """
     check_schedule(schedule)
     batches = list(batches)
@@ -261,6 +284,14 @@ def discover_circuit(
         overlap = AUTHORS_OVERLAP if tuple(schedule) == AUTHORS_SCHEDULE else ()
     overlap = [tuple(pair) for pair in overlap]
     _check_overlap({s.group for s in schedule}, overlap)
+    options = {"senders_per_pass": senders_per_pass, "batching": batching, "reuse_prefix": reuse_prefix}
+    seconds: dict[str, float] = {}
+    cpu_seconds: dict[str, float] = {}
+    # every step reads the same clean and noise runs: read them once (locally; remotely each request reads them)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    runs = [None if handle.remote else noise_runs(handle, b, reuse_prefix and batching == "stack") for b in batches]
+    seconds["clean and noise reads"] = time.perf_counter() - started
+    cpu_seconds["clean and noise reads"] = time.process_time() - cpu_started
     ranked: dict[str, list[tuple[Site, float]]] = {}
     groups: list[Group] = []
     step_scores: dict[str, dict[Site, float]] = {}
@@ -272,10 +303,13 @@ def discover_circuit(
             at = source.position if step.input in ("q", "out") else step.position
             receivers = [Site(s.component, at) for s, _ in ranked[step.receivers][:source.k]]
         senders = step_senders(handle, step, receivers or [])
+        started, cpu_started = time.perf_counter(), time.process_time()
         if receivers == [] or not senders:
             scores: dict[Site, float] = {}
         else:
-            scores = _scores(handle, batches, senders, receivers, step.input, senders_per_pass, progress)
+            scores = _scores(handle, batches, runs, senders, receivers, step.input, options, progress)
+        seconds[step.group] = time.perf_counter() - started
+        cpu_seconds[step.group] = time.process_time() - cpu_started
         step_scores[step.group] = scores
         order = _ranked(scores, min_effect)
         ranked[step.group] = order
@@ -285,7 +319,8 @@ def discover_circuit(
                             [s for s, _ in order[:step.size]], dict(order[:step.size])))
     _apply_overlap(groups, overlap)
     config = {"model": handle.name, "schedule": [vars(s) for s in schedule], "overlap": [list(p) for p in overlap],
-              "min_effect": min_effect, "examples": sum(b.size for b in batches), "senders_per_pass": senders_per_pass}
+              "min_effect": min_effect, "examples": sum(b.size for b in batches), **options, "step_seconds": seconds,
+              "step_cpu_seconds": cpu_seconds}
     return Circuit(groups, step_scores, config)
 
 

@@ -50,6 +50,7 @@ import nnsight
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from lib.core.architectures import QKV_KINDS
 from lib.core.handle import ModelHandle
@@ -89,6 +90,34 @@ def top_senders(scores: dict[Site, float], k: int) -> list[tuple[Site, float]]:
 # ---- the runs -----------------------------------------------------------------------------------------------
 
 
+class _PrefixLayer(DynamicLayer):
+    """A key/value cache layer holding `copies` stacked copies of the clean prefix in one buffer of the full prompt
+    width; `update` writes the pass's own tokens after it. (transformers' DynamicLayer concatenates instead: two
+    more copies of every copy's keys and values per pass, which on a small model cost more than the pass.)"""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, copies: int, width: int):
+        DynamicLayer.__init__(self)   # not super(): NDIF rebuilds this class from source, without a __class__ cell
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.filled = keys.shape[-2]
+        self.keys, self.values = (self._buffer(t, copies, width) for t in (keys, values))
+
+    def _buffer(self, prefix: torch.Tensor, copies: int, width: int) -> torch.Tensor:
+        b, h, p, d = prefix.shape
+        out = prefix.new_empty(copies, b, h, width, d)
+        out[..., :p, :] = prefix   # broadcast over the copies: one write
+        return out.reshape(copies * b, h, width, d)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.filled + key_states.shape[-2]
+        self.keys[..., self.filled:end, :] = key_states
+        self.values[..., self.filled:end, :] = value_states
+        self.filled = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def get_seq_length(self) -> int:
+        return self.filled
+
+
 class _Window:
     """What one pass computes: tokens [start, T) of `copies` stacked copies of a batch (copy s = rows s*N ..
     (s+1)*N - 1). The tokens before `start` are those no sender of the pass can change (causal attention): their
@@ -110,11 +139,16 @@ class _Window:
         mask = self.prompts.attention_mask.repeat(self.copies, 1)
         if not self.start:
             return {"input_ids": ids, "attention_mask": mask}
-        prefix = [(k[:, :, :self.start].repeat(self.copies, 1, 1, 1), v[:, :, :self.start].repeat(self.copies, 1, 1, 1))
-                  for k, v in self.cache]
+        cache = DynamicCache(config=config)
+        width = self.prompts.width
+        for i, (k, v) in enumerate(self.cache):
+            k, v = k[:, :, :self.start], v[:, :, :self.start]
+            if type(cache.layers[i]) is DynamicLayer:   # full attention: the one-buffer layer
+                cache.layers[i] = _PrefixLayer(k, v, self.copies, width)
+            else:                                      # sliding window and others: transformers' own layer
+                cache.layers[i].update(k.repeat(self.copies, 1, 1, 1), v.repeat(self.copies, 1, 1, 1))
         return {"input_ids": ids[:, self.start:], "attention_mask": mask,
-                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, self.start:],
-                "past_key_values": DynamicCache(ddp_cache_data=prefix, config=config)}
+                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, self.start:], "past_key_values": cache}
 
 
 class _Senders:
@@ -212,7 +246,8 @@ def _intervene_a(handle: ModelHandle, window: _Window, senders: _Senders, receiv
     top = arch.n_layers - 1 if not receivers else max(recv)
     free = receivers if kind == "out" else []
     recorded = []
-    for layer in range(int(senders.layer.min()), top + 1):
+    first = min([int(senders.layer.min()), *recv])   # receivers below every sender are read too (clean values)
+    for layer in range(first, top + 1):
         here = recv.get(layer, [])
         if here and kind != "out":   # q / k / v are computed before the layer's head outputs
             recorded += _read_receivers(arch, arch.qkv_module(handle.model, layer, kind).output, here, kind, window)
@@ -292,7 +327,7 @@ def _pass_logits(handle: ModelHandle, prompts: EncodedPrompts, chunk: Sequence[S
         return torch.cat(outs)
 
 
-def _clean_run(handle: ModelHandle, prompts: EncodedPrompts, logits: bool, cache: bool):
+def _read_run(handle: ModelHandle, prompts: EncodedPrompts, logits: bool, cache: bool):
     """Every layer's head outputs [(N, T, H*D)], the last-position logits (with `logits`) and every layer's keys and
     values [(k, v)] (with `cache`; k, v: (N, kv_heads, T, D))."""
     arch = handle.arch
@@ -307,23 +342,43 @@ def _clean_run(handle: ModelHandle, prompts: EncodedPrompts, logits: bool, cache
     return rows, last, kv
 
 
+class NoiseRuns:
+    """What every path-patching pass over one batch reads: the clean run's head outputs, last-position logits and
+    (for prefix reuse) keys and values, and the noise run's head outputs. `noise_runs` makes it; path_patch
+    computes it itself when not given one, so passing it only saves the two passes (discover_circuit shares one
+    across its steps)."""
+
+    def __init__(self, clean: list, logits: torch.Tensor, cache: list | None, noise: list):
+        self.clean = clean
+        self.logits = logits
+        self.cache = cache
+        self.noise = noise
+
+
+def noise_runs(handle: ModelHandle, batch: PairBatch, reuse_prefix: bool = True) -> NoiseRuns:
+    """The clean and noise reads of a batch (two forward passes), for `path_patch(..., runs=)`."""
+    noise = batch.alternate.with_positions(batch.original.positions)  # noise read at the original's indices
+    clean, logits, cache = _read_run(handle, batch.original, logits=True, cache=reuse_prefix)
+    noised, _, _ = _read_run(handle, noise, logits=False, cache=False)
+    return NoiseRuns(clean, logits, cache, noised)
+
+
 def _batch_totals(handle: ModelHandle, batch: PairBatch, senders: Sequence[Site], receivers: Sequence[Site],
-                  kind: str, per_pass: int, batching: str, reuse_prefix: bool, bar=None) -> torch.Tensor:
+                  kind: str, per_pass: int, batching: str, reuse_prefix: bool, runs: NoiseRuns | None = None,
+                  bar=None) -> torch.Tensor:
     """(len(senders),) the sum over the batch's examples of (p_patch - p_org) / p_org; every trace through `handle`
     (remotely this whole function is one request)."""
-    original = batch.original
-    noise = batch.alternate.with_positions(original.positions)  # noise read at the original's indices
-    clean, logits, cache = _clean_run(handle, original, logits=True, cache=reuse_prefix)
-    noised, _, _ = _clean_run(handle, noise, logits=False, cache=False)
+    runs = runs if runs is not None else noise_runs(handle, batch, reuse_prefix)
+    cache = runs.cache if reuse_prefix else None
     targets = batch.target_ids
-    p_org = logits.float().softmax(-1)[torch.arange(batch.size), targets.to(logits.device)].cpu()
+    p_org = runs.logits.float().softmax(-1)[torch.arange(batch.size), targets.to(runs.logits.device)].cpu()
     totals = torch.zeros(len(senders))
     skip = set(receivers) if kind == "out" else set()
     todo = [i for i, s in enumerate(senders) if s not in skip]   # a sender that is an output receiver: score 0
     for first in range(0, len(todo), per_pass):
         idx = todo[first:first + per_pass]
-        out = _pass_logits(handle, original, [senders[i] for i in idx], receivers, kind, clean, noised, cache,
-                           batching)
+        out = _pass_logits(handle, batch.original, [senders[i] for i in idx], receivers, kind, runs.clean, runs.noise,
+                           cache, batching)
         rows = torch.arange(out.shape[0], device=out.device)
         p = out.float().softmax(-1)[rows, targets.repeat(len(idx)).to(out.device)].cpu()
         rel = (p.reshape(len(idx), batch.size) - p_org) / p_org.clamp_min(1e-12)
@@ -370,6 +425,7 @@ def path_patch(
     senders_per_pass: int = SENDERS_PER_PASS,
     batching: Batching = "stack",
     reuse_prefix: bool = True,
+    runs: NoiseRuns | None = None,
     progress: bool = True,
 ) -> dict[Site, float]:
     """Score of every sender's path to the receivers (None: the logits); most negative = most important.
@@ -385,6 +441,7 @@ def path_patch(
         batching: "stack" or "invokes" (see the module docstring).
         reuse_prefix: compute only the tokens from the earliest sender / receiver on, with the clean run's keys and
             values for the tokens before (exact: no sender can change them).
+        runs: the batch's clean and noise reads (`noise_runs`), to share them between calls (local only).
         progress: a progress bar over senders (off remotely).
 
     Returns:
@@ -395,13 +452,17 @@ def path_patch(
     _check(handle, batch, senders, receivers, receiver_input, senders_per_pass, batching)
     if reuse_prefix and batching != "stack":
         raise ValueError("reuse_prefix needs batching='stack' (invokes cannot share one key/value cache)")
+    if runs is not None and reuse_prefix and runs.cache is None:
+        raise ValueError("these runs hold no keys and values: make them with noise_runs(..., reuse_prefix=True)")
     args = (batch, senders, receivers, receiver_input, senders_per_pass, batching, reuse_prefix)
     if handle.remote:
+        if runs is not None:
+            raise ValueError("runs= is for local models: remotely the reads happen inside the request")
         totals = handle.in_one_request(_batch_totals, *args)
     else:
         with tqdm(total=len(senders), desc=f"path patching -> {receiver_input if receivers else 'logits'}",
                   leave=False, disable=not progress or len(senders) < 2 * senders_per_pass) as bar:
-            totals = _batch_totals(handle, *args, bar=bar)
+            totals = _batch_totals(handle, *args, runs=runs, bar=bar)
     return {s: float(v) / batch.size for s, v in zip(senders, totals)}
 
 

@@ -104,8 +104,9 @@ class Architecture:
         if model_type not in SPECS:
             raise UnsupportedArchitecture(
                 f"{model_class or 'this model'} (model_type={model_type!r}) is not supported by the architecture "
-                f"adapter; supported: {', '.join(sorted(SPECS))}. To add it, map its decoder blocks, attention module, attention "
-                "output projection, MLP, final norm and unembedding in lib/core/architectures.py:SPECS."
+                f"adapter; supported: {', '.join(sorted(SPECS))}. To add it, map its decoder blocks, attention "
+                "module, attention output projection, MLP, final norm, unembedding, embedding and query/key/value "
+                "projections in lib/core/architectures.py:SPECS."
             )
         n_heads = _first_attr(config, _N_HEADS, "number of attention heads", model_type)
         d_model = _first_attr(config, _HIDDEN, "hidden size", model_type)

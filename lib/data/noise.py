@@ -47,7 +47,10 @@ def _absent_query_prompt(rng: random.Random, n_boxes: int, objects: Sequence[str
     for name, (s, e) in base.spans.items():
         if name in ("prev_query_label", "correct_object"):
             continue
-        spans[name] = (s, start + len(absent)) if name == "query_label" else ((s, e) if s < start else (s + shift, e + shift))
+        if name == "query_label":
+            spans[name] = (s, start + len(absent))
+        else:
+            spans[name] = (s, e) if s < start else (s + shift, e + shift)
     meta = {"objects": objs, "labels": labs, "query": None, "slot": slot, "absent_label": absent}
     return Prompt(text=text, answer=base.answer, spans=spans, meta=meta)
 

@@ -19,7 +19,8 @@ import pytest
 from lib import metrics as M
 from lib.builtin import planted
 from lib.builtin.circuits import planted_working_sites
-from lib.circuit_discovery import AUTHORS_SCHEDULE, Circuit, Step, check_schedule, discover_circuit, prune_circuit
+from lib.circuit_discovery import (AUTHORS_SCHEDULE, LABEL_SCHEDULE, Circuit, Step, check_schedule, discover_circuit,
+                                   prune_circuit)
 from lib.data_gen import encode_pairs, path_patching_noise
 from lib.types import Site
 
@@ -28,11 +29,6 @@ POSITIONAL = {"Value Fetcher": [Site(planted.FETCHER, "last")],
               "Position Transmitter": [Site(planted.POSITION_TRANSMITTER, "last")],
               "Position Detector": [Site(planted.POSITION_DETECTOR, "query_label")],
               "Structure Reader": []}
-LABEL_SCHEDULE = (
-    Step("Value Fetcher", "last", None, "out", k=20, size=58),
-    Step("Query-label Mover", "last", "Value Fetcher", "q", k=5, size=10),
-    Step("Object Binder", "prev_query_label", "Value Fetcher", "v", k=5, size=5),
-)
 
 
 def _noise(handle, kind, n, seed):
