@@ -11,6 +11,8 @@ The public API, importable from here (each name lives in the module shown; loade
     DCMConfig, train_mask, evaluate_mask, lambda_sweep          lib.mask_intervention
     cmap_scores, cmap_accuracy                   lib.cmap
     path_patch                                   lib.path_patching
+    discover_circuit, prune_circuit, Circuit     lib.circuit_discovery
+    knockout_curve                               lib.knockout
     faithfulness, completeness, minimality       lib.metrics
 
 Layers (a module imports only from layers below it): lib.types <- lib.core <- lib.data <- lib.builtin <-
@@ -34,6 +36,8 @@ _EXPORTS = {
     "evaluate_mask": "lib.mask_intervention", "lambda_sweep": "lib.mask_intervention",
     "cmap_scores": "lib.cmap", "cmap_accuracy": "lib.cmap",
     "path_patch": "lib.path_patching",
+    "discover_circuit": "lib.circuit_discovery", "prune_circuit": "lib.circuit_discovery",
+    "Circuit": "lib.circuit_discovery", "knockout_curve": "lib.knockout",
     "faithfulness": "lib.metrics", "completeness": "lib.metrics", "minimality": "lib.metrics",
 }
 __all__ = sorted(_EXPORTS)
