@@ -30,8 +30,12 @@ with require_alternate=False): a wrong original's tiny p_org makes the ratio exp
 
 Speed: a run A (and B) serves `senders_per_pass` senders at once. "stack" (the default) repeats the batch once per
 sender along the batch dimension and builds every sender's freeze and noise as one masked write per layer;
-"invokes" gives each sender its own nnsight invoke in one trace. Both give the one-sender-per-pass scores
-(`senders_per_pass=1`) to float precision; bench/path_patching.py measures them. Named positions are per example
+"invokes" gives each sender its own nnsight invoke in one trace. With `reuse_prefix` (the default, stack only) a
+pass computes only the tokens from its earliest sender / receiver on: no sender changes an earlier token, so
+their keys and values come from the clean run's cache (`_PrefixLayer`). All give the one-sender-per-pass scores
+(`senders_per_pass=1, reuse_prefix=False`) to float precision; bench/path_patching.py measures them (on the CPU
+the speed-up comes from the prefix reuse; stacking alone is memory-bound there). `noise_runs` lets several calls
+on one batch share the clean and noise reads (discover_circuit does). Named positions are per example
 (prev_query_label follows the query), so no grouping of examples by position is needed. Remotely, every run of a
 batch travels in one request (ModelHandle.in_one_request).
 
