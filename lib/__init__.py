@@ -14,6 +14,8 @@ The public API, importable from here (each name lives in the module shown; loade
     attribution_scan, edge_attribution, rank_sites   lib.attribution     first-order patching from gradients
     gradient_hints                               lib.gradient_hints
     logit_lens                                   lib.logit_lens
+    discover_circuit, prune_circuit, Circuit     lib.circuit_discovery
+    knockout_curve                               lib.knockout
     faithfulness, completeness, minimality       lib.metrics
 
 Layers (a module imports only from layers below it): lib.types <- lib.core <- lib.data <- lib.builtin <-
@@ -39,6 +41,8 @@ _EXPORTS = {
     "path_patch": "lib.path_patching",
     "attribution_scan": "lib.attribution", "edge_attribution": "lib.attribution", "rank_sites": "lib.attribution",
     "gradient_hints": "lib.gradient_hints", "logit_lens": "lib.logit_lens",
+    "discover_circuit": "lib.circuit_discovery", "prune_circuit": "lib.circuit_discovery",
+    "Circuit": "lib.circuit_discovery", "knockout_curve": "lib.knockout",
     "faithfulness": "lib.metrics", "completeness": "lib.metrics", "minimality": "lib.metrics",
 }
 __all__ = sorted(_EXPORTS)

@@ -27,6 +27,7 @@ from lib.data.entity import (DEFAULT_TEMPLATE, FILLER, LABELS, OBJECTS, SEGMENT,
                              usable_objects)
 from lib.data.templates import (VB_TEMPLATES, EntityTemplate, VarBindTemplate, load_entity_template,
                                 load_vb_template, template_to_dict)
+from lib.data.noise import NOISE_KINDS, absent_query_noise_triples, path_patching_noise
 from lib.data.triples import load_triples, save_triples, split_triples, triple_from_dict, triple_to_dict
 from lib.data.variants import A11_VARIANTS, OUR_VARIANTS, VARIANTS, apply_variant
 from lib.data.varbind import (DIGITS, OPERATIONS, VB_DESIDERATA, VB_NAMES, operation_invariance_triples,
@@ -43,6 +44,7 @@ __all__ = [
     "random_entity_prompt", "render_entity_prompt", "usable_labels", "usable_objects",
     "VB_TEMPLATES", "EntityTemplate", "VarBindTemplate", "load_entity_template", "load_vb_template",
     "template_to_dict",
+    "NOISE_KINDS", "absent_query_noise_triples", "path_patching_noise",
     "load_triples", "save_triples", "split_triples", "triple_from_dict", "triple_to_dict",
     "A11_VARIANTS", "OUR_VARIANTS", "VARIANTS", "apply_variant",
     "DIGITS", "OPERATIONS", "VB_DESIDERATA", "VB_NAMES", "operation_invariance_triples", "random_value_program",

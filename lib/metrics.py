@@ -14,15 +14,20 @@ per example (prev_query_label depends on which box is queried), so we work in ab
 
 MLPs are never ablated (the paper ablates heads). F is a metric of the last position's logits, by default the
 accuracy of its argmax (lib.scores.target_hit).
+
+Minimality comes in two readings: `minimality` is the authors' code (per group, pair-drop ranking, K = top 30%,
+relative 1% threshold; `minimal_sites` applies it), `greedy_minimality` this project's earlier greedy K.
 """
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from lib.core.handle import ModelHandle
 from lib.patching import (clean_logits, expand_values, is_token_position, mean_activations, patched_logits,
@@ -179,9 +184,10 @@ def random_circuit_accuracy(handle: ModelHandle, batches: Sequence[PairBatch], c
     return [circuit_accuracy(handle, batches, random_circuit(handle, circuit, seed + i), means) for i in range(n)]
 
 
-def minimality(handle: ModelHandle, batches: Sequence[PairBatch], circuit: Sequence[Site], means: Activations,
-               max_k: int | None = None) -> dict[Site, float]:
-    """Per site v: max over greedily grown K of |F(Cir \\ (K + v)) - F(Cir \\ K)| (the paper's minimality).
+def greedy_minimality(handle: ModelHandle, batches: Sequence[PairBatch], circuit: Sequence[Site],
+                      means: Activations, max_k: int | None = None) -> dict[Site, float]:
+    """Per site v: max over greedily grown K of |F(Cir \\ (K + v)) - F(Cir \\ K)| (this project's first reading of
+    the paper's minimality; `minimality` is the authors' code).
 
     K starts empty and grows by the site that most increases the score, up to `max_k` sites (default: 30% of the
     circuit, as in the paper). A site whose score stays below ~0.01 contributes nothing and can be pruned.
@@ -209,3 +215,69 @@ def minimality(handle: ModelHandle, batches: Sequence[PairBatch], circuit: Seque
             best = max(best, gains[s])
         scores[v] = best
     return scores
+
+
+MINIMALITY_FRACTION = 0.3
+MINIMALITY_THRESHOLD = 0.01
+
+
+def minimality(handle: ModelHandle, batches: Sequence[PairBatch], groups: Mapping[str, Sequence[Site]],
+               means: Activations, fraction: float = MINIMALITY_FRACTION, metric: Metric = target_hit,
+               progress: bool = True) -> dict[Site, dict]:
+    """The minimality of every site, as the authors' code computes it (Nix07/finetuning, path_patching/).
+
+    For each site v of a group, the other sites vj of the same group are ranked by the pair-drop value
+    F(Cir \\ {vj}) - F(Cir \\ {v, vj}) (how much more removing vj costs once v is gone); K = the first
+    ceil(fraction * group size) of that ranking, stopping at the first value <= 0. The score is
+    F(Cir \\ K) / F(Cir \\ (K + v)) - 1 (relative and signed); v is kept when it is >= 0.01 (`minimal_sites`).
+    F: `metric` (default accuracy) with every head outside the remaining circuit mean-ablated (circuit_accuracy);
+    the circuit is the union of all groups. A zero denominator gives +inf when F(Cir \\ K) > 0 (v carries all
+    that is left) and 0.0 when both are 0 (nothing to lose).
+
+    Where we differ from their code: every pair is evaluated (their loop skips pairs that share a layer index or a
+    head index: `layer_1 is not layer_2 and head_1 is not head_2` should be `or`), and F is not rounded to 2 decimals.
+
+    Args:
+        groups: {group name: sites}; one group for a flat circuit.
+        means: whole-sequence means (whole_sequence_means).
+
+    Returns:
+        {site: {"group", "score", "K": [sites], "F_without_K", "F_without_K_and_v"}}.
+    """
+    circuit = sorted({s for g in groups.values() for s in g})
+    cache: dict[frozenset, float] = {}
+
+    def f(removed: frozenset) -> float:
+        if removed not in cache:
+            kept = [s for s in circuit if s not in removed]
+            cache[removed] = _mean_score(batches, lambda b: ablated_logits(handle, b, kept, means), metric)
+        return cache[removed]
+
+    out: dict[Site, dict] = {}
+    total = sum(len(g) for g in groups.values())
+    with tqdm(total=total, desc="minimality", leave=False, disable=not progress or total < 5) as bar:
+        for name, group in groups.items():
+            group = sorted(set(group))
+            size = math.ceil(fraction * len(group))
+            for v in group:
+                ranked = sorted(((f(frozenset({vj})) - f(frozenset({v, vj})), vj) for vj in group if vj != v),
+                                key=lambda item: -item[0])
+                k = []
+                for value, vj in ranked[:size]:
+                    if value <= 0:   # the ranking is sorted: the rest are no better
+                        break
+                    k.append(vj)
+                without_k, without_kv = f(frozenset(k)), f(frozenset(k) | {v})
+                if without_kv:
+                    score = without_k / without_kv - 1
+                else:
+                    score = math.inf if without_k > 0 else 0.0
+                out[v] = {"group": name, "score": score, "K": k, "F_without_K": without_k,
+                          "F_without_K_and_v": without_kv}
+                bar.update()
+    return out
+
+
+def minimal_sites(scores: Mapping[Site, dict], threshold: float = MINIMALITY_THRESHOLD) -> list[Site]:
+    """The sites `minimality` keeps: score >= threshold (the authors' 1%)."""
+    return sorted(s for s, row in scores.items() if row["score"] >= threshold)

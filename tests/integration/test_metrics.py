@@ -68,7 +68,7 @@ def test_an_incomplete_circuit_is_caught(setup):
 def test_minimality_of_the_true_circuit(setup):
     handle, batches, means = setup
     distractor = Site(Component(1, 1), "last")
-    scores = M.minimality(handle, batches, CIRCUIT + [distractor], means, max_k=0)
+    scores = M.greedy_minimality(handle, batches, CIRCUIT + [distractor], means, max_k=0)
     assert scores[FETCHER[0]] >= 0.9 and scores[MOVER[0]] >= 0.4
     assert scores[distractor] <= 0.01   # contributes nothing: minimality would prune it
 
@@ -80,3 +80,17 @@ def test_prompts_of_mixed_length_are_refused(setup):
     mixed = encode_answers([random_entity_prompt(rng, 2), random_entity_prompt(rng, 3)], handle.tokenizer)
     with pytest.raises(ValueError, match="one token length"):
         M.whole_sequence_means(handle, [mixed])
+
+
+def test_the_authors_minimality_keeps_every_planted_head_and_drops_a_distractor(setup):
+    handle, batches, means = setup
+    distractor = Site(Component(1, 1), "last")   # attends to objects, writes to a scratch subspace nothing reads
+    groups = {"binder": BINDER, "mover": MOVER + [distractor], "fetcher": FETCHER}
+    rows = M.minimality(handle, batches, groups, means)
+    assert M.minimal_sites(rows) == sorted(CIRCUIT)
+    assert rows[distractor]["score"] == pytest.approx(0.0, abs=1e-9)
+    assert rows[FETCHER[0]]["score"] > 1 and rows[MOVER[0]]["score"] > 0.5
+    # one box's binder matters only when that box is queried: about 1/3 of the prompts here
+    assert all(0.1 < rows[s]["score"] for s in BINDER)
+    assert all(len(row["K"]) <= 1 for row in rows.values())   # K: at most ceil(0.3 * group size) = 1 here
+    assert rows[distractor]["K"] == []   # removing the mover costs as much with or without the distractor
