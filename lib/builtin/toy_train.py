@@ -216,10 +216,12 @@ VARBIND_OPS = "+-*"
 
 
 def random_values(rng: random.Random, n_vars: int) -> dict[str, int]:
+    """Two-digit values for the first `n_vars` names, as lib.data.varbind's programs assign them."""
     return {name: rng.randint(10, 99) for name in VAR_NAMES[:n_vars]}
 
 
-def random_expression(rng: random.Random, values: dict[str, int], ops: str, weights) -> tuple[str, str, str]:
+def random_expression(rng: random.Random, values: dict[str, int], ops: str,
+                      weights: tuple[float, ...]) -> tuple[str, str, str]:
     """Two distinct variables and an operation drawn with `weights`; subtraction puts the larger value first."""
     left, right = rng.sample(list(values), 2)
     op = rng.choices(ops, weights)[0]
