@@ -20,10 +20,11 @@ def test_workflow_reproduces_the_shape_of_table1_and_writes_its_outputs(tmp_path
     assert results["n_eval"] == {d: 90 for d in COLUMNS}
 
     original, incomplete, full = table["original"], table["incomplete"], table["full"]
-    # patching nothing leaves the model's own answer: VD is low, OI is the model's (high) accuracy on + and -
+    # patching nothing leaves the model's own answer: VD is low, OI is the model's (high) accuracy, on + and -
+    # and on the transfer sets (toy:varbind multiplies)
     assert original["n_patched"] == 0
-    assert original["value_dependence"] < 0.1
-    assert original["operation_invariance"] > 0.8
+    assert original["value_dependence"] < 0.1 and original["value_dependence_mul"] < 0.1
+    assert original["operation_invariance"] > 0.8 and original["operation_invariance_add_mul"] > 0.8
     # both masks patch something and move held-out VD far above the original's
     assert 0 < full["n_patched"] < len(results["sites"]) and incomplete["n_patched"] > 0
     assert full["value_dependence"] > original["value_dependence"] + 0.4
@@ -31,9 +32,15 @@ def test_workflow_reproduces_the_shape_of_table1_and_writes_its_outputs(tmp_path
     # only the full desiderata keep the operation: the VD-only mask breaks OI, the full one keeps most of it
     assert full["operation_invariance"] > 0.7
     assert incomplete["operation_invariance"] < full["operation_invariance"] - 0.3
+    # transfer to multiplication, which DCM never trained on (Davies et al.: full mask VD (*) 84%, OI (+,*) 91%;
+    # VD-only OI (+,*) 13%): the full mask changes products with the values and keeps them across + <-> *
+    assert full["value_dependence_mul"] > original["value_dependence_mul"] + 0.4
+    assert full["operation_invariance_add_mul"] > 0.7
+    assert incomplete["operation_invariance_add_mul"] < full["operation_invariance_add_mul"] - 0.3
     assert results["dcm"]["full"]["trained_on"] == ["value_dependence", "operation_invariance"]
     assert len(results["dcm"]["full"]["selected_patched"]) == full["n_patched"]
-    assert results["config"]["lam"] == "0.03"
+    assert results["config"]["lam"] == "0.03" and results["config"]["prune"] == "False"
+    assert all(not d["pruned"] for d in results["dcm"].values())  # the paper keeps the rounded mask
 
     report = (out / "report.md").read_text()
     assert "toy:varbind" in report and "Full desiderata (VD and OI)" in report and "84%" in report  # paper row

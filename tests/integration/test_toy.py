@@ -37,10 +37,35 @@ def test_varbind_model_reaches_manifest_accuracy_on_fresh_tasks(builtin_model):
     handle = builtin_model("toy:varbind")
     fresh = evaluate(handle, "varbind", n=toy.N_EVAL, seed=toy.EVAL_SEED + 12345)
     expected = MANIFEST["varbind"]["accuracy"]
-    for ops in ("+", "-", "+-"):
+    for ops in ("+", "-", "+-", "*"):
         assert abs(fresh[ops] - expected[ops]) <= _tolerance(expected[ops], toy.N_EVAL), (ops, fresh, expected)
-    majority = MANIFEST["varbind"]["majority_baseline"]["+-"]
-    assert fresh["+-"] > majority + 0.2  # well above always answering the most common first digit
+    majority = MANIFEST["varbind"]["majority_baseline"]
+    for ops in ("+-", "*"):  # it multiplies too: well above always answering the most common first digit
+        assert fresh[ops] > majority[ops] + 0.2, (ops, fresh, majority)
+
+
+def test_varbind_training_loss_covers_answers_and_only_the_first_digit_of_products():
+    tok = toy.tokenizer()
+    text = "x=12, y=40, z=73. y*x=480. x+y=52. z=73. x*z=876"
+    row = tok(text, add_special_tokens=False)["input_ids"]
+    tokens = dict(zip("0123456789.=*", tok.convert_tokens_to_ids(list("0123456789.=*"))))
+    words = tok.convert_ids_to_tokens(row)
+
+    def trained(product_digits: int) -> str:
+        return "".join(w for w, m in zip(words, toy_train._answer_mask(row, tokens, product_digits)) if m)
+
+    assert trained(1) == "4" + "52" + "73" + "8"           # 480 -> 4, 52, 73 (a value asked back), 876 -> 8
+    assert trained(0) == "480" + "52" + "73" + "876"       # every digit of every answer; the context's values never
+
+
+def test_short_varbind_training_run_is_deterministic(one_thread):
+    tok = toy.tokenizer()
+    cfg = toy_train.VarbindConfig(seed=3, max_steps=4, batch_size=8, warmup=2, product_digits=1)
+    (a, _), (b, _) = [toy_train.train_varbind(tok, cfg, progress=False) for _ in range(2)]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    other, _ = toy_train.train_varbind(tok, toy_train.VarbindConfig(**{**vars(cfg), "seed": 4}), progress=False)
+    assert not torch.equal(other.state_dict()["model.embed_tokens.weight"], sa["model.embed_tokens.weight"])
 
 
 def test_shipped_files_are_small_and_tokenizer_splits_prompts_into_words():
