@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from lib import report
 from lib.core.components import all_components
 from lib.core.handle import ModelHandle
-from lib.patching import (Patch, _read, _rows_by_layer, _write, check_sites, collect, expand_values, last_logits,
+from lib.patching import (Patch, read_value, rows_by_layer, write_value, check_sites, collect, expand_values, last_logits,
                           order_sites, sites_at)
 from lib.scores import target_hit, target_logit
 from lib.types import Activations, EncodedPrompts, Metric, PairBatch, RowKey, Site
@@ -141,11 +141,11 @@ def add_row_deltas(handle: ModelHandle, prompts: EncodedPrompts, keys: Iterable[
     tensor of the graph.
     """
     rows, leaves = {}, {}
-    for layer, kinds in _rows_by_layer(keys).items():
+    for layer, kinds in rows_by_layer(keys).items():
         for kind, positions in kinds.items():
             if not positions:
                 continue
-            current = _read(handle, kind, layer)
+            current = read_value(handle, kind, layer)
             examples = torch.arange(prompts.size, device=current.device)
             added = torch.zeros_like(current)
             for position in positions:
@@ -154,7 +154,7 @@ def add_row_deltas(handle: ModelHandle, prompts: EncodedPrompts, keys: Iterable[
                 rows[key] = current[examples, idx]
                 leaves[key] = _zero_leaf(rows[key].shape, current, dtype)
                 added = added.index_put((examples, idx), leaves[key].to(current.dtype), accumulate=True)
-            _write(handle, kind, layer, current + added)
+            write_value(handle, kind, layer, current + added)
     return rows, leaves
 
 

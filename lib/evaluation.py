@@ -68,5 +68,5 @@ def filter_correct(
         alt = answers_correct(handle, [t.alternate for t in triples], batch_size, metric)
         keep = [a and b for a, b in zip(keep, alt)]
     kept = [t for t, k in zip(triples, keep) if k]
-    log.info("%s answers %d of %d triples correctly", handle.name, len(kept), len(triples))
+    log.debug("%s answers %d of %d triples correctly", handle.name, len(kept), len(triples))
     return kept

@@ -2,12 +2,11 @@
 
 A circuit is a set of `Site`s (a head at a named token position, e.g. L2H3@last). "Every head not in the circuit
 mean-ablated" means every head at *every* token index, not only at the named positions. Named positions are
-per example (prev_query_label depends on which box is queried), so we work in absolute token indices:
+per example (prev_query_label depends on which box is queried):
 
-- `with_token_positions` adds positions "t0".."t{n-1}" (the absolute index) to a batch, so the patching
-  primitives of lib.patching read and write any token.
-- `fixed_groups` splits a batch into sub-batches in which every named position a circuit uses sits at one index;
-  inside a group a named site *is* one absolute site, and "everything else" is plain set arithmetic.
+- An ablated run is one forward pass: every layer's head outputs (the o_proj input, at every token) are blended
+  with their means through a mask (example, token, head) that is 1 where the circuit keeps a head, so a named
+  site is kept at its own token in each example.
 - The mean of a head at index t is over reference prompts of the **same length** (entity prompts with a fixed
   number of boxes and single-token objects/labels, e.g. the word-level tokenizer), so index t is the same token
   role in every prompt. Prompts of mixed lengths get a clear error.
@@ -23,14 +22,14 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from lib.core.handle import ModelHandle
-from lib.patching import (clean_logits, expand_values, is_token_position, mean_activations, patched_logits,
+from lib.patching import (clean_logits, is_token_position, last_logits, mean_activations, read_value, write_value,
                           with_token_positions)
 from lib.patching import token_position as tok
 from lib.scores import target_hit
@@ -48,33 +47,6 @@ def check_same_length(batches: Sequence[PairBatch]) -> int:
         raise ValueError(f"whole-sequence mean ablation needs prompts of one token length, got lengths "
                          f"{sorted(lengths)}: use one number of boxes and single-token objects and labels")
     return lengths.pop()
-
-
-def fixed_groups(batch: PairBatch, names: Iterable[str]) -> list[tuple[PairBatch, dict[str, int], torch.Tensor]]:
-    """Sub-batches in which each named position of the original sits at one index:
-    (sub-batch, {name: index}, example indices)."""
-    names = sorted({n for n in names if not is_token_position(n)})
-    positions = batch.original.positions
-    for name in names:
-        if name not in positions:
-            raise ValueError(f"position {name!r} is not defined for these prompts; "
-                             f"available: {', '.join(sorted(positions))}")
-    keys = [tuple(int(positions[n][i]) for n in names) for i in range(batch.size)]
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, key in enumerate(keys):
-        groups[key].append(i)
-    out = []
-    for key, rows in sorted(groups.items()):
-        idx = torch.tensor(rows)
-        out.append((batch.select(idx), dict(zip(names, key)), idx))
-    return out
-
-
-def absolute(site: Site, index: dict[str, int]) -> Site:
-    """The site at its absolute token index inside a fixed group."""
-    if is_token_position(site.position):
-        return site
-    return Site(site.component, tok(index[site.position]))
 
 
 def head_sites(handle: ModelHandle, width: int, layers: Iterable[int] | None = None) -> list[Site]:
@@ -95,6 +67,54 @@ def whole_sequence_means(handle: ModelHandle, batches: Sequence[PairBatch]) -> A
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _keep_mask(handle: ModelHandle, batch: PairBatch, sites: Sequence[Site], keep: bool) -> torch.Tensor:
+    """(n_layers, batch, tokens, n_heads): 1 where a head's output stays, 0 where it is replaced by its mean.
+
+    keep=True: 1 only at `sites` (everything else ablated); keep=False: 0 only at `sites`. Named positions are
+    read per example, absolute ones ("t12") are the same token in every example.
+    """
+    arch, original = handle.arch, batch.original
+    mask = torch.full((arch.n_layers, original.size, original.width, arch.n_heads), 0.0 if keep else 1.0)
+    rows = torch.arange(original.size)
+    for site in sites:
+        if not site.component.is_head:
+            raise ValueError(f"{site}: whole-sequence ablation covers heads; MLPs are never ablated")
+        site.component.check(arch)
+        if is_token_position(site.position):
+            index = torch.full((original.size,), int(site.position[1:]), dtype=torch.long)
+        elif site.position in original.positions:
+            index = original.positions[site.position]
+        else:
+            raise ValueError(f"position {site.position!r} is not defined for these prompts; "
+                             f"available: {', '.join(sorted(original.positions))}")
+        mask[site.component.layer, rows, index, site.component.head] = 1.0 if keep else 0.0
+    return mask
+
+
+def _mean_rows(handle: ModelHandle, means: Activations, width: int) -> torch.Tensor:
+    """(n_layers, tokens, n_heads * head_dim): the whole-sequence means stacked per layer."""
+    arch = handle.arch
+    try:
+        return torch.stack([torch.stack([means[("head", layer, tok(t))] for t in range(width)])
+                            for layer in range(arch.n_layers)])
+    except KeyError as err:
+        raise ValueError(f"the means have no entry {err.args[0]}: compute them with whole_sequence_means on prompts of "
+                         f"this length ({width} tokens)") from None
+
+
+def _ablated_run(handle: ModelHandle, batch: PairBatch, mask: torch.Tensor, mean_rows: torch.Tensor) -> torch.Tensor:
+    """Trace: every head output blended as mask * own + (1 - mask) * mean, at every token, in one forward pass."""
+    arch = handle.arch
+    with torch.no_grad(), handle.trace(batch.original.inputs()):
+        for layer in range(arch.n_layers):
+            current = read_value(handle, "head", layer)
+            m = mask[layer].repeat_interleave(arch.head_dim, dim=-1).to(current.device, current.dtype)
+            mean = mean_rows[layer].to(current.device, current.dtype)
+            write_value(handle, "head", layer, m * current + (1 - m) * mean)
+        logits = last_logits(handle).save()
+    return logits.detach()
+
+
 def ablated_logits(
     handle: ModelHandle, batch: PairBatch, keep: Sequence[Site] | None, means: Activations,
     ablate: Sequence[Site] | None = None,
@@ -102,48 +122,47 @@ def ablated_logits(
     """Last-position logits (batch, vocab) with heads mean-ablated over the whole sequence.
 
     keep given: every head at every token index except the `keep` sites is ablated (the circuit run F(Cir)).
-    ablate given: only those sites are ablated (the model run F(M\\K)). Exactly one of the two.
+    ablate given: only those sites are ablated (the model run F(M\\K)). Exactly one of the two. One forward pass:
+    every layer's head outputs are blended with their means through a per-example, per-token, per-head mask.
     """
     if (keep is None) == (ablate is None):
         raise ValueError("give either keep (the circuit) or ablate (the sites to remove), not both")
     width = check_same_length([batch])
-    named = [s.position for s in (keep if keep is not None else ablate)]
-    out: torch.Tensor | None = None
-    for group, index, idx in fixed_groups(batch, named):
-        original = with_token_positions(group).original
-        if keep is not None:
-            kept = {absolute(s, index) for s in keep}
-            sites = [s for s in head_sites(handle, width) if s not in kept]
-        else:
-            sites = sorted({absolute(s, index) for s in ablate})
-        values = expand_values({s.row_key: means[s.row_key] for s in sites}, original.size)
-        logits = patched_logits(handle, original, sites, values) if sites else clean_logits(handle, original)
-        if out is None:
-            out = torch.empty(batch.size, logits.shape[-1], dtype=logits.dtype)
-        out[idx] = logits.cpu()
-    return out
+    mask = _keep_mask(handle, batch, keep if keep is not None else ablate, keep is not None)
+    return _ablated_run(handle, batch, mask, _mean_rows(handle, means, width))
 
 
-def _mean_score(batches: Sequence[PairBatch], run, metric: Metric) -> float:
-    total = count = 0.0
+def _scores_of(handle: ModelHandle, batches: list[PairBatch], keep: list[Site] | None, ablate: list[Site] | None,
+               means: Activations | None, metric: Metric) -> tuple[float, int]:
+    total, count = 0.0, 0
     for b in batches:
-        total += float(metric(run(b), b).sum())
+        if keep is None and not ablate:
+            logits = clean_logits(handle, b.original)
+        else:
+            logits = ablated_logits(handle, b, keep, means, ablate=ablate if keep is None else None)
+        total += float(metric(logits, b).sum())
         count += b.size
+    return total, count
+
+
+def _mean_score(handle: ModelHandle, batches: Sequence[PairBatch], keep: Sequence[Site] | None,
+                ablate: Sequence[Site] | None, means: Activations | None, metric: Metric) -> float:
+    """The mean metric of a (partly) ablated model over every example; remotely one request for all batches."""
+    total, count = handle.in_one_request(_scores_of, list(batches), None if keep is None else list(keep),
+                                         None if ablate is None else list(ablate), means, metric)
     return total / count
 
 
 def circuit_accuracy(handle: ModelHandle, batches: Sequence[PairBatch], circuit: Sequence[Site],
                      means: Activations, metric: Metric = target_hit) -> float:
     """F(Cir): the metric (default accuracy) with every head not in `circuit` mean-ablated at every token."""
-    return _mean_score(batches, lambda b: ablated_logits(handle, b, list(circuit), means), metric)
+    return _mean_score(handle, batches, list(circuit), None, means, metric)
 
 
 def model_accuracy(handle: ModelHandle, batches: Sequence[PairBatch], means: Activations,
                    without: Sequence[Site] = (), metric: Metric = target_hit) -> float:
     """F(M) or, with `without`, F(M\\K): the full model with only the sites K mean-ablated."""
-    if not without:
-        return _mean_score(batches, lambda b: clean_logits(handle, b.original), metric)
-    return _mean_score(batches, lambda b: ablated_logits(handle, b, None, means, ablate=list(without)), metric)
+    return _mean_score(handle, batches, None, list(without), means, metric)
 
 
 def faithfulness(handle: ModelHandle, batches: Sequence[PairBatch], circuit: Sequence[Site],
@@ -250,7 +269,7 @@ def minimality(handle: ModelHandle, batches: Sequence[PairBatch], groups: Mappin
     def f(removed: frozenset) -> float:
         if removed not in cache:
             kept = [s for s in circuit if s not in removed]
-            cache[removed] = _mean_score(batches, lambda b: ablated_logits(handle, b, kept, means), metric)
+            cache[removed] = _mean_score(handle, batches, kept, None, means, metric)
         return cache[removed]
 
     out: dict[Site, dict] = {}

@@ -12,7 +12,7 @@ import torch
 from lib import builtin
 from lib.core.handle import ModelHandle, ModelLoadError, load_pretrained
 
-__all__ = ["ModelHandle", "ModelLoadError", "load_model", "lora_base", "is_lora_adapter"]
+__all__ = ["ModelHandle", "ModelLoadError", "is_lora_adapter", "load_model", "lora_base", "model_sizes", "same_model"]
 
 
 def is_lora_adapter(source: Any) -> bool:
@@ -26,7 +26,7 @@ def lora_base(adapter: str | Path) -> str | None:
     return config.get("base_model_name_or_path") or None
 
 
-def _same_model(a: str, b: str) -> bool:
+def same_model(a: str, b: str) -> bool:
     """Two spellings of one model: equal names, or paths to one directory (a built-in's saved copy included)."""
     if a == b:
         return True
@@ -42,6 +42,35 @@ def _same_model(a: str, b: str) -> bool:
 
     pa, pb = where(a), where(b)
     return pa is not None and pa == pb
+
+
+def model_sizes(source: str) -> dict:
+    """The architecture sizes of a model from its config alone (no weights): model_type, n_layers, n_heads,
+    n_kv_heads, head_dim, d_model, vocab_size. A LoRA adapter has its base's sizes."""
+    from transformers import AutoConfig
+
+    from lib.core.architectures import Architecture
+
+    if is_lora_adapter(source):
+        base = lora_base(source)
+        if base is None:
+            raise ValueError(f"the LoRA adapter {source} names no base model")
+        return model_sizes(base)
+    if builtin.is_builtin(source):
+        config = builtin.config(source)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists() and (str(source).startswith((".", "/", "~")) or str(source).count("/") > 1):
+            raise ValueError(f"model path {source} does not exist")
+        try:
+            config = AutoConfig.from_pretrained(str(path) if path.exists() else source)
+        except OSError as err:
+            raise ValueError(f"no config could be read for {source} (not a local directory, and the hub has no "
+                             f"copy here: {type(err).__name__})") from None
+    arch = Architecture.from_config(config)
+    return {"model_type": arch.model_type, "n_layers": arch.n_layers, "n_heads": arch.n_heads,
+            "n_kv_heads": arch.n_kv_heads, "head_dim": arch.head_dim, "d_model": arch.d_model,
+            "vocab_size": getattr(config, "vocab_size", None)}
 
 
 def load_model(
@@ -78,7 +107,7 @@ def load_model(
         if base is None:
             raise ModelLoadError(f"the LoRA adapter {source} names no base model (base_model_name_or_path): pass "
                                  "the model it was trained on as --model / base=")
-        if trained_on is not None and not _same_model(str(base), trained_on):
+        if trained_on is not None and not same_model(str(base), trained_on):
             raise ModelLoadError(f"the LoRA adapter {source} was trained on {trained_on}, not on {base}: pass "
                                  f"--model {trained_on} (or an adapter of {base})")
         return load_model(base, peft=adapter, name=f"{base} + LoRA {Path(adapter).name}", **common, **load_kwargs)

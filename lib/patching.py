@@ -95,8 +95,8 @@ def check_sites(handle: ModelHandle, sites: Sequence[Site], prompts: EncodedProm
 # ---- trace-body primitives --------------------------------------------------------------------------------------
 
 
-def _rows_by_layer(keys: Iterable[RowKey]) -> dict[int, dict[str, list[str]]]:
-    """{layer: {"head": [positions], "mlp": [positions]}}: the modules a trace must visit, in order."""
+def rows_by_layer(keys: Iterable[RowKey]) -> dict[int, dict[str, list[str]]]:
+    """Trace-body helper: {layer: {"head": [positions], "mlp": [positions]}}: the modules a trace must visit, in order."""
     layers: dict[int, dict[str, list[str]]] = defaultdict(lambda: {"head": [], "mlp": []})
     for kind, layer, position in sorted(set(keys), key=lambda k: (k[1], k[0] != "head", k[2])):
         layers[layer][kind].append(position)
@@ -107,12 +107,14 @@ def _module(handle: ModelHandle, kind: str, layer: int):
     return handle.arch.attn_out(handle.model, layer) if kind == "head" else handle.arch.mlp(handle.model, layer)
 
 
-def _read(handle: ModelHandle, kind: str, layer: int):
+def read_value(handle: ModelHandle, kind: str, layer: int):
+    """Trace-body helper: a layer's head outputs (o_proj input, (batch, tokens, n_heads * head_dim)) or MLP output."""
     module = _module(handle, kind, layer)
     return module.input if kind == "head" else module.output
 
 
-def _write(handle: ModelHandle, kind: str, layer: int, value) -> None:
+def write_value(handle: ModelHandle, kind: str, layer: int, value) -> None:
+    """Trace-body helper: replace what `read_value` reads (a new tensor, never an in-place edit)."""
     module = _module(handle, kind, layer)
     if kind == "head":
         module.input = value
@@ -124,11 +126,11 @@ def read_rows(handle: ModelHandle, prompts: EncodedPrompts, keys: Iterable[RowKe
     """Trace-body helper: the rows (batch, width) of each key; call inside an open trace, save the result."""
     rows = {}
     examples = torch.arange(prompts.size)
-    for layer, kinds in _rows_by_layer(keys).items():
+    for layer, kinds in rows_by_layer(keys).items():
         for kind, positions in kinds.items():
             if not positions:
                 continue
-            value = _read(handle, kind, layer)
+            value = read_value(handle, kind, layer)
             for position in positions:
                 rows[(kind, layer, position)] = value[examples, prompts.positions[position]]
     return rows
@@ -167,11 +169,11 @@ def write_blends(
         weights = torch.zeros(len(sites))
     padded = torch.cat([weights, torch.ones(1, dtype=weights.dtype, device=weights.device)])
     examples = torch.arange(prompts.size)
-    for layer, kinds in _rows_by_layer(plan).items():
+    for layer, kinds in rows_by_layer(plan).items():
         for kind, positions in kinds.items():
             if not positions:
                 continue
-            current = _read(handle, kind, layer)
+            current = read_value(handle, kind, layer)
             patched = current.clone()
             for position in positions:
                 key = (kind, layer, position)
@@ -179,7 +181,7 @@ def write_blends(
                 w = padded.to(current.device)[plan[key].to(current.device)].to(current.dtype)
                 row = current[examples, idx]
                 patched[examples, idx] = w * row + (1 - w) * values[key].to(current.device, current.dtype)
-            _write(handle, kind, layer, patched)
+            write_value(handle, kind, layer, patched)
 
 
 def last_logits(handle: ModelHandle):

@@ -56,7 +56,6 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from lib.core.architectures import QKV_KINDS
 from lib.core.handle import ModelHandle
 from lib.patching import check_sites, last_logits
 from lib.types import Component, EncodedPrompts, PairBatch, Site

@@ -69,20 +69,68 @@ def heatmap(path: Path, matrix: np.ndarray, title: str, xlabel: str = "head", yl
     return _save(fig, path)
 
 
-def grouped_bars(path: Path, groups: Sequence[str], series: dict[str, Sequence[float]], title: str,
-                 ylabel: str = "accuracy") -> Path:
-    """Bars per group (e.g. desideratum), one colour per series (e.g. mask trained on X)."""
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(groups), 3.2))
+def _bars(ax, groups: Sequence[str], series: dict[str, Sequence[float]], errors: dict | None, title: str,
+          ylabel: str) -> None:
     width = 0.8 / max(len(series), 1)
     for k, (name, values) in enumerate(series.items()):
-        ax.bar(np.arange(len(groups)) + k * width, values, width, label=name)
+        err = None if errors is None else errors.get(name)
+        ax.bar(np.arange(len(groups)) + k * width, values, width, label=name, yerr=err, capsize=2 if err else 0)
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2)
-    ax.set_xticklabels(groups)
+    ax.set_xticklabels([textwrap.fill(g, 14) for g in groups], fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 60), fontsize=9)
     ax.legend(fontsize=7)
+
+
+def grouped_bars(path: Path, groups: Sequence[str], series: dict[str, Sequence[float]], title: str,
+                 ylabel: str = "accuracy", errors: dict[str, Sequence[float]] | None = None) -> Path:
+    """Bars per group (e.g. desideratum), one colour per series (e.g. mask trained on X); `errors` (same keys as
+    `series`) draws error bars (e.g. the std over resamples)."""
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(groups), 3.2))
+    _bars(ax, groups, series, errors, title, ylabel)
     return _save(fig, path)
+
+
+def bar_panels(path: Path, panels: dict[str, tuple[Sequence[str], dict, dict | None]], title: str,
+               ylabel: str = "accuracy") -> Path:
+    """Several grouped-bar panels side by side: {panel title: (groups, series, errors or None)}."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(0.5 + 4.0 * len(panels), 3.8), squeeze=False,
+                             constrained_layout=True)
+    for ax, (name, (groups, series, errors)) in zip(axes[0], panels.items()):
+        _bars(ax, groups, series, errors, name, ylabel)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def heatmap_panels(path: Path, panels: dict[str, np.ndarray], title: str, xlabel: str = "head",
+                   ylabel: str = "layer", vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> Path:
+    """Several layer x head grids side by side with one colour scale (e.g. one per circuit group)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(0.8 + 2.8 * len(panels), 3.6), squeeze=False,
+                             constrained_layout=True)
+    im = None
+    for ax, (name, matrix) in zip(axes[0], panels.items()):
+        matrix = np.asarray(matrix, dtype=float)
+        im = ax.imshow(matrix, origin="lower", vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
+        ax.set_xticks(range(matrix.shape[1]))
+        ax.set_yticks(range(matrix.shape[0]))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(textwrap.fill(name, 28), fontsize=8)
+        if matrix.size <= 400:
+            for (i, j), v in np.ndenumerate(matrix):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5,
+                        color="w" if v < (vmin + vmax) / 2 else "k")
+    fig.suptitle(textwrap.fill(title, 110), fontsize=9)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[0]), fraction=0.03)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def line_plot(path: Path, x: Sequence[float], ys: dict[str, Sequence[float]], title: str, xlabel: str,

@@ -12,7 +12,7 @@ from typing import Any
 
 from lib import report
 from lib.mask_intervention import DCMConfig
-from lib.models import ModelHandle, load_model
+from lib.models import ModelHandle, is_lora_adapter, load_model, lora_base, model_sizes, same_model
 from lib.types import INITS, PARAMETERIZATIONS
 
 log = logging.getLogger("workflow")
@@ -60,6 +60,33 @@ def dcm_config(args: argparse.Namespace, **overrides) -> DCMConfig:
     """The DCMConfig the shared flags describe; a workflow adds its own fields (loss, penalty...)."""
     return DCMConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                      parameterization=args.parameterization, init=args.init, seed=args.seed, **overrides)
+
+
+def is_adapter(source: str) -> bool:
+    """Whether a --fine-tuned value is a PEFT adapter directory (loaded over --model)."""
+    return is_lora_adapter(source)
+
+
+def check_pair(model: str, fine_tuned: str) -> None:
+    """Raise ValueError unless `fine_tuned` can be patched into `model`: the same architecture sizes, or a LoRA
+    adapter of `model`. Reads configs only (no weights), so a mismatch is reported before any model loads."""
+    if is_lora_adapter(fine_tuned):
+        trained_on = lora_base(fine_tuned)
+        if trained_on is not None and not same_model(model, trained_on):
+            raise ValueError(f"--fine-tuned {fine_tuned} is a LoRA adapter of {trained_on}, not of --model {model}: "
+                             f"pass --model {trained_on}")
+        return
+    sizes = {}
+    for flag, source in (("--model", model), ("--fine-tuned", fine_tuned)):
+        try:
+            sizes[flag] = model_sizes(source)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{flag} {source}: {err}") from None
+    if sizes["--model"] != sizes["--fine-tuned"]:
+        diff = "; ".join(f"{k}: {sizes['--model'][k]} vs {sizes['--fine-tuned'][k]}" for k in sizes["--model"]
+                         if sizes["--model"][k] != sizes["--fine-tuned"][k])
+        raise ValueError(f"--fine-tuned {fine_tuned} cannot be patched into --model {model}: their architectures "
+                         f"differ ({diff}); CMAP needs a model and its fine-tune")
 
 
 def start_run(args: argparse.Namespace) -> tuple[ModelHandle, Path, float]:
@@ -145,7 +172,7 @@ class Run:
             self.skipped.append(name)
             return json.loads(path.read_text())
         started = time.time()
-        result = compute()
+        result = json.loads(json.dumps(compute(), default=report.jsonable))  # as a resumed run reads it back
         self.seconds[name] = round(time.time() - started, 1)
         write_json_atomic(path, result)
         log.info("step %s done in %.1f s", name, self.seconds[name])

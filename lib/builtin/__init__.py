@@ -32,6 +32,24 @@ def build(name: str) -> tuple[Any, Any]:
     raise ValueError(f"unknown built-in model {name!r}: use toy:<name> or planted:<name> (see README)")
 
 
+def config(name: str) -> Any:
+    """The transformers config of a built-in model, without building or loading its weights."""
+    kind, _, variant = name.partition(":")
+    if kind == "toy":
+        from transformers import AutoConfig
+
+        from lib.builtin import toy
+
+        if variant not in toy.NAMES:
+            raise ValueError(f"unknown toy model {variant!r}; the built-in ones are {', '.join(toy.NAMES)}")
+        return AutoConfig.from_pretrained(Path(__file__).resolve().parent / "toy_models" / variant)
+    if kind == "planted":
+        from lib.builtin import planted
+
+        return planted.model_config(variant)
+    raise ValueError(f"unknown built-in model {name!r}: use toy:<name> or planted:<name> (see README)")
+
+
 def saved_dir(name: str) -> Path:
     """A built-in model's saved directory, as `make ndif-up` deploys it: lib/builtin/toy_models/<name> for toy:<name>,
     .ndif/models/planted-<variant> (written by ndif/make_models.py) for planted:<variant>."""

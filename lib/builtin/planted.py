@@ -435,6 +435,20 @@ def sizes(variant: str) -> tuple[int, int, int]:
     return PAIR_SIZES if variant in PAIR else (N_LAYERS, N_HEADS, D_MODEL)
 
 
+def model_config(variant: str = "strong", tokenizer=None) -> GPT2Config:
+    """The GPT-2 config of a planted variant (sizes, vocabulary, special tokens): no weights are built."""
+    n_layers, n_heads, d_model = sizes(variant)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    vocab = tokenizer.get_vocab()
+    return GPT2Config(
+        vocab_size=len(tokenizer), n_positions=N_POSITIONS, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
+        n_inner=4, activation_function="relu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        layer_norm_epsilon=1e-9, scale_attn_weights=False, tie_word_embeddings=False,
+        pad_token_id=vocab[SPECIAL_TOKENS["pad_token"]], bos_token_id=vocab[SPECIAL_TOKENS["bos_token"]],
+        eos_token_id=vocab[SPECIAL_TOKENS["eos_token"]], name_or_path=f"planted:{variant}",
+    )
+
+
 def build(variant: str = "strong") -> tuple[GPT2LMHeadModel, object]:
     """The planted model for `variant` (see ALL_VARIANTS) and its tokenizer; deterministic, no training."""
     n_layers, n_heads, d_model = sizes(variant)
@@ -444,13 +458,7 @@ def build(variant: str = "strong") -> tuple[GPT2LMHeadModel, object]:
     if lay.size >= d_model:
         raise AssertionError(f"logical space {lay.size} does not fit in d_model {d_model}")
     d_head = d_model // n_heads
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=N_POSITIONS, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
-        n_inner=4, activation_function="relu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        layer_norm_epsilon=1e-9, scale_attn_weights=False, tie_word_embeddings=False,
-        pad_token_id=vocab[SPECIAL_TOKENS["pad_token"]], bos_token_id=vocab[SPECIAL_TOKENS["bos_token"]],
-        eos_token_id=vocab[SPECIAL_TOKENS["eos_token"]], name_or_path=f"planted:{variant}",
-    )
+    config = model_config(variant, tokenizer)
     model = GPT2LMHeadModel(config)
     e = _embedding_matrix(lay, d_model)
     # LayerNorm(E x) = E x * typical / |x| ~ E x: reads see the logical vector at its own scale, so weights are

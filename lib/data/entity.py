@@ -123,7 +123,7 @@ def _usable(tokenizer: Any, words: Sequence[str], contexts: list[tuple[str, str]
 def _check_enough(kind: str, keep: list[str], words: Sequence[str], need: int | None, strict: bool,
                   tokenizer: Any, where: str) -> list[str]:
     dropped = [w for w in words if w not in keep]
-    log.info("%d of %d %s are single tokens for this tokenizer", len(keep), len(words), kind)
+    log.debug("%d of %d %s are single tokens for this tokenizer", len(keep), len(words), kind)
     shown = ", ".join(f"{w!r} -> {tokenizer.tokenize(' ' + w)}" for w in dropped[:5])
     if strict and dropped:
         raise ValueError(f"the tokenizer does not keep {len(dropped)} of the given {kind} as one known token "

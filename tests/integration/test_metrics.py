@@ -94,3 +94,26 @@ def test_the_authors_minimality_keeps_every_planted_head_and_drops_a_distractor(
     assert all(0.1 < rows[s]["score"] for s in BINDER)
     assert all(len(row["K"]) <= 1 for row in rows.values())   # K: at most ceil(0.3 * group size) = 1 here
     assert rows[distractor]["K"] == []   # removing the mover costs as much with or without the distractor
+
+
+def test_one_pass_ablation_equals_patching_every_other_head_at_every_token(setup):
+    """ablated_logits blends through a (example, token, head) mask in one pass; the same run built from the patching
+    primitives (every head at every absolute token except the circuit's, replaced by its mean) agrees."""
+    from lib.patching import expand_values, patched_logits, with_token_positions
+
+    handle, batches, means = setup
+    batch = batches[0]
+    one_query = batch.select(torch.nonzero(batch.original.positions["prev_query_label"]
+                                           == batch.original.positions["prev_query_label"][0]).flatten())
+    index = {name: int(v[0]) for name, v in one_query.original.positions.items()}
+    absolute = {Site(s.component, f"t{index[s.position]}") for s in CIRCUIT}
+    sites = [s for s in M.head_sites(handle, one_query.original.width) if s not in absolute]
+    original = with_token_positions(one_query).original
+    expected = patched_logits(handle, original, sites, expand_values({s.row_key: means[s.row_key] for s in sites},
+                                                                     original.size))
+    assert torch.allclose(M.ablated_logits(handle, one_query, CIRCUIT, means), expected, atol=1e-5)
+    removed = [MOVER[0], Site(Component(0, 3), "query_label")]
+    kept_out = [Site(s.component, f"t{index[s.position]}") for s in removed]
+    expected = patched_logits(handle, original, kept_out, expand_values({s.row_key: means[s.row_key]
+                                                                         for s in kept_out}, original.size))
+    assert torch.allclose(M.ablated_logits(handle, one_query, None, means, ablate=removed), expected, atol=1e-5)
