@@ -164,6 +164,10 @@ def render_report(results: dict) -> str:
                   report.markdown_table(["patched from the fine-tune", "heads from", "this run", "paper (Goat -> Llama)"],
                                         [[g, cm["source"].get(g, "-"), v, PAPER_CMAP.get(g, "-")]
                                          for g, v in acc.items()]), "", "`figure4_cmap.png`."]
+        if "inputs" in cm:
+            kinds = "/".join(cm["inputs"]["kinds"])
+            lines += ["", f"Through the heads' {kinds} inputs (at each head's position) instead of their outputs:", "",
+                      report.markdown_table(["group", "this run"], list(cm["inputs"]["accuracy"].items()))]
     ko = results.get("knockout")
     if ko:
         lines += ["", "## Attention knockout (Appendix A)", "",

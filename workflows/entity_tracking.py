@@ -34,7 +34,7 @@ import torch
 from lib import metrics as M
 from lib import report
 from lib.circuit_discovery import AUTHORS_SCHEDULE, Circuit, Step, discover_circuit, prune_circuit
-from lib.cmap import check_compatible, cmap_scores
+from lib.cmap import check_compatible, cmap_input_scores, cmap_scores
 from lib.core.components import all_components
 from lib.data_gen import (ENTITY_DESIDERATA, NOISE_KINDS, answer_batches, entity_triples,
                           entity_word_pools, iter_pair_batches, load_entity_template, path_patching_noise,
@@ -96,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "authors' pure top-k, which on a small model fills groups with heads that change nothing)")
     p.add_argument("--resamples", type=common.positive(int, "--resamples"), default=10,
                    help="resamples of the functionality patching (paper: 10)")
+    p.add_argument("--cmap-input", default="out", choices=("out", "q", "k", "v", "qkv"),
+                   help="what CMAP writes into the base: the heads' outputs (the paper) or also their query / key / "
+                        "value inputs at their positions (the authors' unused variant)")
     p.add_argument("--rank-first", type=common.positive(int, "--rank-first"), default=None,
                    help="DCM only over the K heads of each group that attribution patching ranks highest")
     p.add_argument("--batch-size", type=common.positive(int, "--batch-size"), default=32)
@@ -344,8 +347,14 @@ def cmap_groups(circuit: Circuit, dcm: dict | None) -> tuple[dict[str, list[Site
 
 def step_cmap(base: ModelHandle, fine: ModelHandle, circuit: Circuit, dcm: dict | None, data: Data) -> dict:
     groups, source = cmap_groups(circuit, dcm)
-    scores = cmap_scores(base, fine, data.eval_batches(seed_offset=23), groups)
-    return {"accuracy": scores, "heads": {g: [str(s) for s in v] for g, v in groups.items()}, "source": source}
+    batches = data.eval_batches(seed_offset=23)
+    out = {"accuracy": cmap_scores(base, fine, batches, groups), "heads": {g: [str(s) for s in v]
+                                                                            for g, v in groups.items()},
+           "source": source}
+    if data.args.cmap_input != "out":
+        kinds = ("q", "k", "v") if data.args.cmap_input == "qkv" else (data.args.cmap_input,)
+        out["inputs"] = {"kinds": list(kinds), "accuracy": cmap_input_scores(base, fine, batches, groups, kinds)}
+    return out
 
 
 def _with_control(batch, rng: random.Random):

@@ -114,3 +114,24 @@ def test_toy_fine_tune_improves_the_binding_step_and_controls_change_little(mode
         assert acc[group] >= acc["donor"] - 0.05, (group, acc)
     for group in ("control: L0H0+L0H1 @ last", "control: L0H0+L0H1 @ query_label"):
         assert abs(acc[group] - acc["none"]) <= 0.03, (group, acc)
+
+
+def test_cmap_through_query_key_value_inputs(models):
+    """planted:paper-ft differs from paper-base only in the pointer fetcher L3H2's query and key weights: its q and k
+    at every token written into the base make the base's logits the fine-tune's; its v (the same in both) or the
+    q of a head that is the same in both change nothing."""
+    from lib.cmap import cmap_input_scores
+    from lib.scores import target_hit
+
+    base, ft = models("planted:paper-base"), models("planted:paper-ft")
+    batch = with_token_positions(encode_answers(_prompts(40, 5, seed=9), base.tokenizer))
+    every_token = [Site(Component(3, 2), p) for p in batch.original.positions if is_token_position(p)]
+    scores = cmap_input_scores(base, ft, [batch], {"q,k": every_token}, kinds=("q", "k"))
+    assert scores["q,k"] == pytest.approx(float(target_hit(clean_logits(ft, batch.original), batch).mean()))
+    unpatched = float(target_hit(clean_logits(base, batch.original), batch).mean())
+    assert unpatched < scores["q,k"] - 0.2
+    same = cmap_input_scores(base, ft, [batch], {"v": every_token, "other head": [Site(Component(2, 1), "last")]},
+                             kinds=("v",))
+    assert same["v"] == pytest.approx(unpatched) and same["other head"] == pytest.approx(unpatched)
+    with pytest.raises(ValueError, match="only heads have query / key / value inputs"):
+        cmap_input_scores(base, ft, [batch], {"mlp": [Site(Component(1), "last")]})
