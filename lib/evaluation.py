@@ -52,7 +52,7 @@ def answers_correct(handle: ModelHandle, prompts: Sequence[Prompt], batch_size: 
     lib.scores.FirstDigit for answers judged on their first digit)."""
     if not prompts:
         return []
-    return [bool(v) for v in scores(handle, answer_batches(prompts, handle.tokenizer, batch_size), metric)]
+    return [bool(v) for v in scores(handle, answer_batches(prompts, handle.tokenizer, batch_size), metric, progress=False)]
 
 
 def filter_correct(

@@ -4,6 +4,7 @@ paper's claim; nothing here is an expected number fed back into a measurement)."
 from __future__ import annotations
 
 from lib import report
+from workflows import companions
 
 PAPER_TABLE1 = {  # Prakash et al. Table 1: the Llama-7B circuit evaluated on each model (full, circuit, random, faith.)
     "Llama-7B": (0.66, 0.66, 0.00, 1.00), "Vicuna-7B": (0.67, 0.65, 0.00, 0.97),
@@ -168,6 +169,14 @@ def render_report(results: dict) -> str:
             kinds = "/".join(cm["inputs"]["kinds"])
             lines += ["", f"Through the heads' {kinds} inputs (at each head's position) instead of their outputs:", "",
                       report.markdown_table(["group", "this run"], list(cm["inputs"]["accuracy"].items()))]
+    gr = results.get("gradients")
+    if gr:
+        lines += ["", "## Attribution patching beside activation patching", "",
+                  f"Every head at {', '.join(gr['positions'])}; attribution = (v_alt - v_orig) . gradient, from one "
+                  "forward and backward; activation patching = one forward pass per head.", ""]
+        for d, section in gr["attribution"].items():
+            lines += [f"{d}:", "", *companions.attribution_table(section), ""]
+        lines += ["## Logit lens of the last position", "", *companions.lens_table(gr["logit_lens"])]
     ko = results.get("knockout")
     if ko:
         lines += ["", "## Attention knockout (Appendix A)", "",

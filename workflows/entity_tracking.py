@@ -11,6 +11,8 @@ with --resume skips what is finished):
                     heads at the group's position: Table A2
   functionality     patching each group's DCM-selected heads on each desideratum, per model, 10 resamples (Fig. 3)
   cmap              the fine-tune's head outputs written into the base, per group and the whole circuit (Fig. 4)
+  gradients         attribution patching beside the activation-patching scan of every head at the circuit's
+                    positions (rank correlation), and the logit lens of the last position
   knockout          attention knockout curves per starting layer (Appendix A)
   scan              (extra) one-head activation patching of every head at the group positions
 
@@ -45,15 +47,15 @@ from lib.mask_intervention import train_mask
 from lib.models import ModelHandle, load_model
 from lib.patching import patching_scan, sites_at
 from lib.types import Site
-from workflows import common
+from workflows import common, companions
 from workflows.entity_report import render_report
 
 log = logging.getLogger("entity_tracking")
 
 DEFAULT_MODEL = "planted:paper-base"
 DEFAULT_FINE_TUNED = "planted:paper-ft"
-STEPS = ("evaluate", "circuit", "evaluate-circuit", "dcm", "functionality", "cmap", "knockout", "scan")
-DEFAULT_STEPS = ("evaluate", "circuit", "evaluate-circuit", "dcm", "functionality", "cmap")
+STEPS = ("evaluate", "circuit", "evaluate-circuit", "dcm", "functionality", "cmap", "gradients", "knockout", "scan")
+DEFAULT_STEPS = ("evaluate", "circuit", "evaluate-circuit", "dcm", "functionality", "cmap", "gradients")
 GROUPS = tuple(step.group for step in AUTHORS_SCHEDULE)
 # CMAP's heads per group, as the authors' code chose them: the Value Fetcher heads of the Object DCM, the
 # Transmitter and Detector heads of the Position DCM, the whole Structure Reader group.
@@ -384,6 +386,20 @@ def step_knockout(models: dict[str, ModelHandle], data: Data) -> dict:
     return out
 
 
+def step_gradients(base: ModelHandle, circuit: Circuit | None, data: Data, out: Path) -> dict:
+    positions = sorted({g.position for g in circuit.groups}) if circuit else ["last"]
+    sites = [s for p in positions for s in sites_at(all_components(base.arch, mlps=False), p)]
+    result = {"positions": positions, "attribution": {}}
+    for d in ENTITY_DESIDERATA:
+        triples = data.correct_triples(base, d, data.args.n_eval // 3, data.args.seed + 700)
+        if triples:
+            result["attribution"][d] = companions.attribution_beside_scan(
+                base, list(iter_pair_batches(triples, data.tok, data.args.batch_size)), sites)
+    batch = data.eval_batches(seed_offset=41)[0]
+    result["logit_lens"] = companions.lens_of_last_position(base, batch, out / "logit_lens_base.png")
+    return result
+
+
 def step_scan(base: ModelHandle, circuit: Circuit | None, data: Data) -> dict:
     positions = sorted({g.position for g in circuit.groups}) if circuit else ["last", "query_label",
                                                                                "prev_query_label"]
@@ -484,7 +500,7 @@ def main(argv=None) -> dict:
         results["evaluate"] = run.step("evaluate", lambda: step_evaluate(models, data))
     circuit = None
     if wanted & {"circuit", "evaluate-circuit", "dcm", "functionality", "cmap"} or (
-            "scan" in wanted and args.circuit is not None):
+            wanted & {"scan", "gradients"} and args.circuit is not None):
         results["circuit"] = run.step("circuit", lambda: step_circuit(base, data, args.out))
         circuit = load_circuit(results["circuit"])
         if not circuit.sites():
@@ -499,6 +515,8 @@ def main(argv=None) -> dict:
     if "cmap" in wanted and circuit is not None and circuit.sites():
         results["cmap"] = run.step("cmap", lambda: step_cmap(base, models["fine_tuned"], circuit,
                                                              results.get("dcm"), data))
+    if "gradients" in wanted:
+        results["gradients"] = run.step("gradients", lambda: step_gradients(base, circuit, data, args.out))
     if "knockout" in wanted:
         results["knockout"] = run.step("knockout", lambda: step_knockout(models, data))
     if "scan" in wanted:

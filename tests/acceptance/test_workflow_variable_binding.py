@@ -1,5 +1,10 @@
 """The variable-binding workflow (Davies et al. Table 1) end to end on the trained toy:varbind model."""
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from workflows import variable_binding
 
@@ -8,7 +13,7 @@ COLUMNS = ["value_dependence", "operation_invariance", "value_dependence_mul", "
 
 def test_workflow_reproduces_the_shape_of_table1_and_writes_its_outputs(tmp_path, one_thread):
     out = tmp_path / "run"
-    variable_binding.main(["--n-train", "96", "--n-eval", "90", "--epochs", "3", "--batch-size", "32",
+    variable_binding.main(["--n-train", "96", "--n-eval", "90", "--epochs", "3", "--batch-size", "32", "--sweep", "0.01,1",
                            "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == "toy:varbind"
@@ -39,10 +44,43 @@ def test_workflow_reproduces_the_shape_of_table1_and_writes_its_outputs(tmp_path
     assert incomplete["operation_invariance_add_mul"] < full["operation_invariance_add_mul"] - 0.3
     assert results["dcm"]["full"]["trained_on"] == ["value_dependence", "operation_invariance"]
     assert len(results["dcm"]["full"]["selected_patched"]) == full["n_patched"]
-    assert results["config"]["lam"] == "0.03" and results["config"]["prune"] == "False"
+    assert results["config"]["lam"] == 0.03 and results["config"]["prune"] is False
     assert all(not d["pruned"] for d in results["dcm"].values())  # the paper keeps the rounded mask
 
     report = (out / "report.md").read_text()
     assert "toy:varbind" in report and "Full desiderata (VD and OI)" in report and "84%" in report  # paper row
     for name in ["mask_full.png", "mask_incomplete.png", "weights_full.png", "table1_accuracy.png"]:
         assert (out / name).stat().st_size > 1000
+    sweep = {r["lambda"]: r for r in results["sweep"]}
+    assert set(sweep) == {0.01, 1.0} and sweep[1.0]["n_selected"] <= sweep[0.01]["n_selected"]
+    assert (out / "sweep_accuracy.png").stat().st_size > 1000
+    gradients = results["gradients"]["attribution"]["value_dependence"]
+    assert len(gradients["sites"]) == 15 and -1 <= gradients["spearman"] <= 1
+    assert "Lambda sweep" in report and "Logit lens" in report
+
+    # --resume reads every finished step back and writes the same numbers
+    again = variable_binding.main(["--n-train", "96", "--n-eval", "90", "--epochs", "3", "--batch-size", "32",
+                                   "--sweep", "0.01,1", "--out", str(out), "--resume"])
+    assert again["skipped_steps"] == ["original", "dcm", "sweep", "gradients"]
+    assert again["table1"] == results["table1"]
+
+
+def test_rank_first_trains_on_the_top_k_components(tmp_path, one_thread):
+    results = variable_binding.main(["--n-train", "64", "--n-eval", "40", "--epochs", "2", "--steps", "dcm",
+                                     "--rank-first", "5", "--out", str(tmp_path / "rf")])
+    assert len(results["sites"]) == 5 and results["rank_first"]["of"] == 15
+    assert set(results["dcm"]["full"]["selected_patched"]) <= set(results["sites"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "dcm,nope"], "--steps: unknown 'nope'"),
+    (["--lambda", "-1"], "--lambda must be >= 0, got -1"),
+    (["--sweep", "0.1,x"], "--sweep takes comma-separated numbers"),
+    (["--n-train", "0"], "--n-train must be > 0, got 0"),
+    (["--template", "/nonexistent.json"], "--template /nonexistent.json: no such file"),
+])
+def test_bad_flags_fail_in_one_line_with_status_2(flags, message):
+    script = Path(__file__).resolve().parents[2] / "workflows" / "variable_binding.py"
+    proc = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
