@@ -258,6 +258,7 @@ def discover_circuit(
     senders_per_pass: int = SENDERS_PER_PASS,
     batching: Batching = "stack",
     reuse_prefix: bool = True,
+    candidates: Sequence[Site] | None = None,
     progress: bool = True,
 ) -> Circuit:
     """Run a path-patching schedule (default: the authors') and return the groups it finds.
@@ -271,6 +272,8 @@ def discover_circuit(
         min_effect: keep a head only if its score <= -min_effect (None: pure top-k, as the authors).
         senders_per_pass, batching, reuse_prefix: how lib.path_patching.path_patch runs (they change the speed,
             not the scores).
+        candidates: only these heads (at their positions) are path-patched as senders, e.g. the top K of an
+            attribution ranking (lib.attribution.rank_sites): a cheap first pass; None = every head.
 
     Returns:
         Circuit with one Group per step, in schedule order, every step's scores, and in config the settings and
@@ -303,6 +306,9 @@ def discover_circuit(
             at = source.position if step.input in ("q", "out") else step.position
             receivers = [Site(s.component, at) for s, _ in ranked[step.receivers][:source.k]]
         senders = step_senders(handle, step, receivers or [])
+        if candidates is not None:
+            allowed = set(candidates)
+            senders = [s for s in senders if s in allowed]
         started, cpu_started = time.perf_counter(), time.process_time()
         if receivers == [] or not senders:
             scores: dict[Site, float] = {}
@@ -319,7 +325,8 @@ def discover_circuit(
                             [s for s, _ in order[:step.size]], dict(order[:step.size])))
     _apply_overlap(groups, overlap)
     config = {"model": handle.name, "schedule": [vars(s) for s in schedule], "overlap": [list(p) for p in overlap],
-              "min_effect": min_effect, "examples": sum(b.size for b in batches), **options, "step_seconds": seconds,
+              "min_effect": min_effect, "examples": sum(b.size for b in batches), **options,
+              "candidates": None if candidates is None else [str(s) for s in candidates], "step_seconds": seconds,
               "step_cpu_seconds": cpu_seconds}
     return Circuit(groups, step_scores, config)
 

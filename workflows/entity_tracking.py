@@ -36,6 +36,7 @@ import torch
 from lib import metrics as M
 from lib import report
 from lib.circuit_discovery import AUTHORS_SCHEDULE, Circuit, Step, discover_circuit, prune_circuit
+from lib.attribution import rank_sites
 from lib.cmap import check_compatible, cmap_input_scores, cmap_scores
 from lib.core.components import all_components
 from lib.data_gen import (ENTITY_DESIDERATA, NOISE_KINDS, answer_batches, entity_triples,
@@ -46,6 +47,7 @@ from lib.knockout import knockout_curve
 from lib.mask_intervention import train_mask
 from lib.models import ModelHandle, load_model
 from lib.patching import patching_scan, sites_at
+from lib.scores import target_prob
 from lib.types import Site
 from workflows import common, companions
 from workflows.entity_report import render_report
@@ -102,7 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="what CMAP writes into the base: the heads' outputs (the paper) or also their query / key / "
                         "value inputs at their positions (the authors' unused variant)")
     p.add_argument("--rank-first", type=common.positive(int, "--rank-first"), default=None,
-                   help="DCM only over the K heads of each group that attribution patching ranks highest")
+                   help="a cheap first pass: path-patch only the K heads per position that attribution patching ranks "
+                        "highest, and train each group's DCM mask only on its K best-ranked heads")
     p.add_argument("--batch-size", type=common.positive(int, "--batch-size"), default=32)
     p.add_argument("--epochs", type=common.positive(int, "--epochs"), default=2, help="DCM epochs (authors: 2)")
     p.add_argument("--lambda", dest="lam", type=common.positive(float, "--lambda", allow_zero=True), default=0.01,
@@ -222,11 +225,25 @@ def step_circuit(base: ModelHandle, data: Data, out: Path) -> dict:
         if not batches:
             raise SystemExit(f"{base.name} answers none of the {args.n_patch} path-patching prompts: there is no "
                              "mechanism to trace (check the model's accuracy and --template)")
-        discovered = discover_circuit(base, batches, schedule(args), min_effect=args.min_effect or None)
+        candidates, ranked = None, None
+        if args.rank_first:   # attribution on p(answer) with the noise as the alternate: a first pass per position
+            positions = sorted({step.position for step in AUTHORS_SCHEDULE})
+            heads = all_components(base.arch, mlps=False)
+            aligned = [type(b)(b.original, b.alternate.with_positions(b.original.positions), b.target_ids,
+                               b.foil_ids, b.desideratum) for b in batches]  # noise read at the original's tokens
+            ranked = {p: rank_sites(base, aligned, sites=sites_at(heads, p), k=args.rank_first, by="decrease",
+                                    metric=target_prob, progress=False) for p in positions}
+            candidates = [s for rows in ranked.values() for s, _ in rows]
+        discovered = discover_circuit(base, batches, schedule(args), min_effect=args.min_effect or None,
+                                      candidates=candidates)
         minimal_batches = [b for b in batches][: max(1, 100 // args.batch_size)]
         circuit = prune_circuit(base, discovered, minimal_batches, data.means(base))
         found = {"source": "path patching", "before_minimality": discovered.to_dict(),
                  "examples": sum(b.size for b in batches)}
+        if ranked is not None:
+            every = base.arch.n_layers * base.arch.n_heads * len(ranked)
+            found["rank_first"] = {"k": args.rank_first, "candidates": [str(s) for s in candidates],
+                                   "senders_path_patched": len(candidates), "senders_without": every}
     circuit.save(out / "circuit.json")
     return {**found, "circuit": circuit.to_dict()}
 
@@ -280,7 +297,6 @@ def step_dcm(base: ModelHandle, circuit: Circuit, data: Data, config) -> dict:
                 continue
             candidates = sites
             if args.rank_first and len(sites) > args.rank_first:
-                from lib.attribution import rank_sites
                 ranked = rank_sites(base, iter_pair_batches(train[d], data.tok, args.batch_size), sites=sites,
                                     k=args.rank_first, by="increase", progress=False)
                 candidates = [s for s, _ in ranked]

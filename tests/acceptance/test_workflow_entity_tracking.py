@@ -160,3 +160,12 @@ def test_bad_flags_fail_in_one_line_with_status_2_before_any_model_loads(flags, 
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert message in lines[0]
     assert "Loading weights" not in proc.stderr and not proc.stdout
+
+
+def test_rank_first_path_patches_fewer_senders_and_finds_the_same_circuit(run, tmp_path):
+    _, full = run
+    ranked = entity_tracking.main([*SMALL, "--steps", "circuit", "--rank-first", "4", "--out", str(tmp_path / "rf")])
+    info = ranked["circuit"]["rank_first"]
+    assert info["senders_path_patched"] == 12 and info["senders_without"] == 48
+    groups = lambda r: {g["name"]: sorted(h["site"] for h in g["heads"]) for g in r["circuit"]["circuit"]["groups"]}  # noqa: E731
+    assert groups(ranked) == groups(full)
