@@ -108,11 +108,13 @@ class Group:
     scores: dict[Site, float]
 
     def to_dict(self) -> dict:
+        """The group as JSON-ready data (sites as strings)."""
         return {"name": self.name, "position": self.position, "receivers": self.receivers, "input": self.input,
                 "heads": [{"site": str(s), "score": self.scores[s]} for s in self.heads]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Group:
+        """The inverse of to_dict."""
         heads = [_site(h["site"]) for h in d["heads"]]
         return cls(d["name"], d["position"], d["receivers"], d["input"], heads,
                    {_site(h["site"]): float(h["score"]) for h in d["heads"]})
@@ -132,6 +134,7 @@ class Circuit:
     minimality: dict[Site, dict] = field(default_factory=dict)
 
     def group(self, name: str) -> Group:
+        """The group called `name` (KeyError naming the groups there are)."""
         for g in self.groups:
             if g.name == name:
                 return g
@@ -146,6 +149,7 @@ class Circuit:
         return sorted({s for g in self.groups for s in g.heads})
 
     def to_dict(self) -> dict:
+        """The circuit as JSON-ready data (groups, every step's scores, settings, minimality rows)."""
         def rows(table):
             return {str(s): v for s, v in table.items()}
 
@@ -156,6 +160,7 @@ class Circuit:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Circuit:
+        """The inverse of to_dict."""
         return cls([Group.from_dict(g) for g in d["groups"]],
                    {name: {_site(s): float(v) for s, v in table.items()} for name, table in d["step_scores"].items()},
                    dict(d.get("config", {})),
@@ -182,6 +187,7 @@ class Circuit:
 
     @classmethod
     def load(cls, path: str | Path) -> Circuit:
+        """A circuit saved with `save`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

@@ -119,6 +119,7 @@ class LogitLens:
 
     @property
     def n_layers(self) -> int:
+        """Number of layers read."""
         return self.target_rank.shape[1]
 
     def mean(self, value: LensValue = "rank") -> np.ndarray:

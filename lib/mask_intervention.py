@@ -138,6 +138,7 @@ class Mask(torch.nn.Module):
         self.raw = torch.nn.Parameter(raw.clone())
 
     def forward(self, stochastic: bool = False) -> torch.Tensor:
+        """The weights w (n_sites,) in [0, 1]; `stochastic` samples the hard-concrete gates."""
         if self.parameterization == "clamp":
             return self.raw
         if self.parameterization == "sigmoid":
@@ -159,6 +160,7 @@ class Mask(torch.nn.Module):
 
     def project(self) -> None:
         # `with torch.no_grad()` in the body, not as a decorator: the decorator does not survive remote execution
+        """Clamp the clamp parameterisation's weights back into [0, 1] after a step."""
         with torch.no_grad():
             if self.parameterization == "clamp":
                 self.raw.clamp_(0, 1)
@@ -187,6 +189,7 @@ class DCMResult:
     config: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
+        """The result as JSON-ready data (sites as strings)."""
         out = asdict(self)
         out["sites"] = [str(s) for s in self.sites]
         return out

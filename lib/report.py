@@ -27,12 +27,14 @@ def jsonable(value: Any) -> Any:
 
 
 def write_json(path: Path, data: dict) -> Path:
+    """Write `data` as indented JSON (tensors as lists, objects with to_json as their JSON)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=jsonable))
     return path
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table; floats with two decimals."""
     def cell(v: Any) -> str:
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
@@ -135,6 +137,7 @@ def heatmap_panels(path: Path, panels: dict[str, np.ndarray], title: str, xlabel
 
 def line_plot(path: Path, x: Sequence[float], ys: dict[str, Sequence[float]], title: str, xlabel: str,
               ylabel: str, logx: bool = False) -> Path:
+    """One line per series against `x` (optionally a symmetric-log x axis)."""
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for name, y in ys.items():
         ax.plot(x, y, marker="o", label=name)

@@ -134,10 +134,12 @@ class Component(Record):
 
     @property
     def is_head(self) -> bool:
+        """True for a head, False for an MLP."""
         return self.head is not None
 
     @property
     def kind(self) -> RowKind:
+        """"head" or "mlp": the row a component's output lives in."""
         return "head" if self.is_head else "mlp"
 
     def __str__(self) -> str:
@@ -190,6 +192,7 @@ class Site(Record):
 
     @property
     def row_key(self) -> RowKey:
+        """(kind, layer, position): the row this site is read from and written to."""
         return (self.component.kind, self.component.layer, self.position)
 
     @classmethod
@@ -250,10 +253,12 @@ class EncodedPrompts:
 
     @property
     def size(self) -> int:
+        """Number of prompts."""
         return self.input_ids.shape[0]
 
     @property
     def width(self) -> int:
+        """Padded length in tokens."""
         return self.input_ids.shape[1]
 
     def inputs(self) -> dict[str, torch.Tensor]:
@@ -269,6 +274,7 @@ class EncodedPrompts:
         return EncodedPrompts(self.input_ids, self.attention_mask, dict(positions))
 
     def to(self, device: Any) -> EncodedPrompts:
+        """The same prompts with every tensor on `device`."""
         return EncodedPrompts(self.input_ids.to(device), self.attention_mask.to(device),
                               {k: v.to(device) for k, v in self.positions.items()})
 
@@ -300,6 +306,7 @@ class PairBatch:
 
     @property
     def size(self) -> int:
+        """Number of examples."""
         return self.original.size
 
     def select(self, idx: torch.Tensor) -> PairBatch:

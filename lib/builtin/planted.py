@@ -139,6 +139,7 @@ class Layout:
 
     @property
     def size(self) -> int:
+        """Width of the logical feature space (the sum of every slice)."""
         return sum(self._sizes().values())
 
 

@@ -53,6 +53,7 @@ def checksum(model_dir: Path) -> str:
 
 
 def read_manifest() -> dict:
+    """The shipped manifest (accuracies, commands, seeds, checksums) as a dict."""
     if not MANIFEST.exists():
         raise ToyModelError(f"{MANIFEST} is missing: regenerate the toy models with "
                             f"`{regenerate_command('all')}`")

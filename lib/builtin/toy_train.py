@@ -60,6 +60,7 @@ class TrainConfig:
 
 
 def new_model(vocab_size: int, d_model: int, n_layers: int, n_heads: int, tokenizer) -> LlamaForCausalLM:
+    """A fresh tied-embedding Llama of these sizes for the toy curriculum (random init from torch's RNG)."""
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=d_model, intermediate_size=4 * d_model, num_hidden_layers=n_layers,
         num_attention_heads=n_heads, num_key_value_heads=n_heads, max_position_embeddings=512,
@@ -410,6 +411,7 @@ def _anneal(model, tokenizer, cfg: TrainConfig, steps: int, stage: int) -> Llama
 
 
 def train_entity_base(tokenizer, seed: int = 0, anneal_steps: int = 200) -> tuple[LlamaForCausalLM, dict]:
+    """The shipped toy:entity-base recipe: the curriculum to 4 boxes, then a plateau (returns model, log)."""
     cfg = base_config(seed)
     evals = _entity_eval_prompts(n=cfg.eval_n)
     model, info = train_entity(tokenizer, cfg, eval_prompts=evals)
@@ -421,6 +423,7 @@ def train_entity_base(tokenizer, seed: int = 0, anneal_steps: int = 200) -> tupl
 
 
 def train_entity_ft(tokenizer, base: LlamaForCausalLM, seed: int = 0) -> tuple[LlamaForCausalLM, dict]:
+    """The shipped toy:entity-ft recipe: continued training of the base on 2-7 boxes (returns model, log)."""
     cfg = ft_config(seed)
     evals = _entity_eval_prompts((3, 5, 7), cfg.eval_n)
     model, info = train_entity(tokenizer, cfg, model=copy.deepcopy(base), stage=len(ENTITY_STAGES) - 1,

@@ -100,6 +100,7 @@ class Architecture:
 
     @classmethod
     def from_config(cls, config: Any, model_class: str = "") -> "Architecture":
+        """Sizes and module paths from a transformers config; UnsupportedArchitecture names what to map."""
         model_type = getattr(config, "model_type", None)
         if model_type not in SPECS:
             raise UnsupportedArchitecture(
@@ -127,6 +128,7 @@ class Architecture:
 
     # Module accessors: work on a plain torch model and on an nnsight model (its envoys mirror the tree).
     def layer(self, model: Any, layer: int) -> Any:
+        """The decoder block `layer`."""
         return resolve(model, self.spec.layers)[layer]
 
     def attn(self, model: Any, layer: int) -> Any:
@@ -134,18 +136,23 @@ class Architecture:
         return resolve(self.layer(model, layer), self.spec.attn)
 
     def attn_out(self, model: Any, layer: int) -> Any:
+        """The attention output projection of a block: its input holds every head's output."""
         return resolve(self.layer(model, layer), self.spec.attn_out)
 
     def mlp(self, model: Any, layer: int) -> Any:
+        """The MLP of a block: its output is the MLP's contribution."""
         return resolve(self.layer(model, layer), self.spec.mlp)
 
     def final_norm(self, model: Any) -> Any:
+        """The norm before the unembedding."""
         return resolve(model, self.spec.final_norm)
 
     def unembed(self, model: Any) -> Any:
+        """The unembedding (its output: the logits)."""
         return resolve(model, self.spec.unembed)
 
     def embed(self, model: Any) -> Any:
+        """The token embedding."""
         return resolve(model, self.spec.embed)
 
     def head_slice(self, head: int) -> slice:

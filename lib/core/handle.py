@@ -44,6 +44,7 @@ class ModelHandle:
 
     @property
     def tokenizer(self):
+        """The model's tokenizer (the one every data function is given)."""
         return self.lm.tokenizer
 
     @property

@@ -45,12 +45,14 @@ class NDIFRequestRejected(NDIFError):
 
 
 def resolve_host(host: str | None = None) -> str:
+    """The NDIF host: `host`, else NDIF_HOST, else nnsight's config, else the public NDIF."""
     from nnsight import CONFIG
 
     return (host or os.environ.get("NDIF_HOST") or CONFIG.API.HOST or PUBLIC_HOST).rstrip("/")
 
 
 def resolve_api_key(api_key: str | None = None) -> str | None:
+    """The API key: `api_key`, else NDIF_API_KEY, else nnsight's config (None: a server without auth)."""
     from nnsight import CONFIG
 
     return api_key or os.environ.get("NDIF_API_KEY") or CONFIG.API.APIKEY or None
@@ -69,6 +71,7 @@ def parse_model_key(key: str) -> dict:
 
 
 def is_model_key(source: str) -> bool:
+    """Whether `source` is already an nnsight model key rather than an id or a path."""
     return source.startswith("nnsight.") and ":{" in source
 
 
@@ -107,11 +110,13 @@ class ProjectRemoteBackend(RemoteBackend):
         return state
 
     def send(self, request, blob):
+        """Post the request; once the server answered, nothing is retried."""
         response = self._post(request, blob)
         self._accepted = True
         return self.handle(response)
 
     def request(self, request, tracer):
+        """nnsight's request with bounded retries before the job is accepted, and errors that say what to do."""
         last: BaseException | None = None
         for attempt in range(self.retries + 1):
             self._accepted = False

@@ -73,6 +73,7 @@ class EntityTemplate:
 
     @property
     def is_default(self) -> bool:
+        """Whether this template words prompts exactly as the built-in default."""
         return dataclasses.replace(self, name="default") == EntityTemplate()
 
 

@@ -14,10 +14,12 @@ def _prompt_from_dict(d: dict) -> Prompt:
 
 
 def triple_to_dict(triple: Triple) -> dict:
+    """A triple as JSON-ready data."""
     return dataclasses.asdict(triple)
 
 
 def triple_from_dict(d: dict) -> Triple:
+    """The inverse of triple_to_dict."""
     return Triple(_prompt_from_dict(d["original"]), _prompt_from_dict(d["alternate"]), d["target"],
                   d["desideratum"], d.get("meta", {}))
 
@@ -33,6 +35,7 @@ def save_triples(triples: Sequence[Triple], path: str | Path) -> Path:
 
 
 def load_triples(path: str | Path) -> list[Triple]:
+    """The triples of a JSONL file written by save_triples."""
     with Path(path).open() as f:
         return [triple_from_dict(json.loads(line)) for line in f if line.strip()]
 

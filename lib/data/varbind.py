@@ -172,11 +172,13 @@ def vb_triples(desideratum: str, n: int, *, seed: int = 0, names: Sequence[str] 
 
 def value_dependence_triples(n: int, *, seed: int = 0, names: Sequence[str] | None = None,
                              template: VarBindTemplate | str | None = None) -> list[Triple]:
+    """vb_triples("value_dependence", ...)."""
     return vb_triples("value_dependence", n, seed=seed, names=names, template=template)
 
 
 def operation_invariance_triples(n: int, *, seed: int = 0, names: Sequence[str] | None = None,
                                  template: VarBindTemplate | str | None = None) -> list[Triple]:
+    """vb_triples("operation_invariance", ...)."""
     return vb_triples("operation_invariance", n, seed=seed, names=names, template=template)
 
 
