@@ -102,6 +102,8 @@ def render_report(results: dict) -> str:
              "its fine-tunes; this run's: the models above. Steps run: " + ", ".join(results["steps"])
              + (f" (finished earlier, read back: {', '.join(results['skipped_steps'])})"
                 if results.get("skipped_steps") else "") + ".", "", "## Findings", ""]
+    if results.get("circuit_empty"):
+        lines += [f"- **No circuit**: {results['circuit_empty']}."]
     lines += [f"- {f}" for f in _findings(results)] or ["- (no step that states a finding was run)"]
     ev = results.get("evaluate")
     if ev:

@@ -223,8 +223,13 @@ def step_circuit(base: ModelHandle, data: Data, out: Path) -> dict:
     else:
         batches = data.noise_batches(base, args.n_patch, args.seed + 3, correct=True)
         if not batches:
-            raise SystemExit(f"{base.name} answers none of the {args.n_patch} path-patching prompts: there is no "
-                             "mechanism to trace (check the model's accuracy and --template)")
+            message = (f"{base.name} answers none of the {args.n_patch} path-patching prompts correctly (accuracy "
+                       "0.00 on them): there is no mechanism to trace, so no circuit is found and the steps that "
+                       "need one are skipped (check the model's accuracy and --template)")
+            log.warning(message)
+            empty = Circuit([], {}, {"model": base.name})
+            empty.save(out / "circuit.json")
+            return {"source": "path patching", "skipped": message, "circuit": empty.to_dict()}
         candidates, ranked = None, None
         if args.rank_first:   # attribution on p(answer) with the noise as the alternate: a first pass per position
             positions = sorted({step.position for step in AUTHORS_SCHEDULE})
@@ -521,11 +526,12 @@ def main(argv=None) -> dict:
         circuit = load_circuit(results["circuit"])
         if not circuit.sites():
             log.warning("the circuit is empty: nothing for the later steps to evaluate")
+            results["circuit_empty"] = results["circuit"].get("skipped", "the circuit is empty")
     if "evaluate-circuit" in wanted and circuit is not None and circuit.sites():
         results["evaluate-circuit"] = run.step("evaluate-circuit", lambda: step_evaluate_circuit(models, circuit, data))
-    if "dcm" in wanted and circuit is not None:
+    if "dcm" in wanted and circuit is not None and circuit.sites():
         results["dcm"] = run.step("dcm", lambda: step_dcm(base, circuit, data, dcm_config))
-    if "functionality" in wanted and circuit is not None:
+    if "functionality" in wanted and circuit is not None and circuit.sites():
         results["functionality"] = run.step("functionality", lambda: step_functionality(models, circuit,
                                                                                         results.get("dcm"), data))
     if "cmap" in wanted and circuit is not None and circuit.sites():

@@ -48,12 +48,14 @@ def test_remote_workflow_equals_local_and_a_killed_remote_run_resumes(server, tm
 
     remote_out = tmp_path / "remote"
     env = {**os.environ, "NDIF_HOST": host}
+    log = (tmp_path / "remote.log").open("w")
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *SMALL, "--remote", "--out", str(remote_out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
     deadline = time.time() + 600
     while not (remote_out / "steps" / "circuit.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    assert proc.poll() is None, "the remote run ended before it could be killed"
+    assert proc.poll() is None, ("the remote run ended before it could be killed: "
+                                 + (tmp_path / "remote.log").read_text()[-3000:])
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (remote_out / "steps" / "functionality.json").exists()

@@ -128,8 +128,8 @@ def test_a_lora_fine_tune_loads_over_its_base_and_cmap_patches_from_it(run, tmp_
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            if "lora_" in name:   # every adapter weight set here (peft draws lora_A from the global RNG)
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.05 if "lora_B" in name else 0.5))
     lora.save_pretrained(tmp_path / "adapter")
     out_dir, _ = run
     out = tmp_path / "lora"
@@ -138,7 +138,9 @@ def test_a_lora_fine_tune_loads_over_its_base_and_cmap_patches_from_it(run, tmp_
     assert "LoRA" in results["models"]["fine_tuned"]
     acc = results["cmap"]["accuracy"]
     assert set(acc) >= {"none", "donor", "Value Fetcher", "whole circuit"}
-    assert acc["donor"] == pytest.approx(results["evaluate"]["fine_tuned"]["accuracy"], abs=0.2)
+    ev = results["evaluate"]
+    assert ev["fine_tuned"]["accuracy"] != ev["base"]["accuracy"] and acc["donor"] != acc["none"]  # it is in effect
+    assert acc["none"] == pytest.approx(ev["base"]["accuracy"], abs=0.2)
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -94,13 +94,15 @@ def test_both_workflows_run_on_a_random_model_of_the_family(family, tmp_path, to
     template = tmp_path / "wording.json"
     template.write_text(json.dumps({"separator": "; ", "name": "semicolons"}))
     out = tmp_path / "et"
-    results = entity_tracking.main(["--model", str(model), "--template", str(template), "--n-boxes", "3",
-                                    "--n-train", "1", "--n-eval", "1", "--epochs", "1", "--batch-size", "4",
-                                    "--desiderata", "object,label", "--out", str(out)])
-    assert results["model_accuracy"] == 0.0 and results["template"] == "semicolons"
-    assert set(results["no_correct_triples"]) == {"object", "label"} and not results["dcm"]
+    results = entity_tracking.main(["--model", str(model), "--fine-tuned", "none", "--template", str(template),
+                                    "--n-boxes", "3", "--n-train", "1", "--n-eval", "4", "--n-patch", "4",
+                                    "--epochs", "1", "--batch-size", "4", "--steps", "evaluate,circuit,dcm",
+                                    "--out", str(out)])
+    assert results["evaluate"]["base"]["accuracy"] == 0.0 and results["config"]["template"] == str(template)
+    assert "answers none of the 4 path-patching prompts correctly" in results["circuit_empty"]
+    assert "dcm" not in results
     report = (out / "report.md").read_text()
-    assert "answers none of the 6 object triples correctly" in report and "accuracy 0.00" in report
+    assert "No circuit" in report and "accuracy 0.00" in report
 
     out = tmp_path / "vb"
     results = variable_binding.main(["--model", str(model), "--template", "authors", "--n-train", "2",
