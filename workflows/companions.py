@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lib import report
-from lib.attribution import attribution_scan, rank_correlation
+from lib.attribution import POST_NORM_FAMILIES, attribution_scan, rank_correlation
 from lib.core.handle import ModelHandle
 from lib.evaluation import scores
 from lib.logit_lens import lens_heatmap, logit_lens
@@ -44,12 +44,15 @@ def attribution_beside_scan(handle: ModelHandle, batches: Sequence[PairBatch], s
 
 def lens_of_last_position(handle: ModelHandle, batch: PairBatch, path: Path) -> dict:
     """The logit lens of the last position (mean target rank per layer and component) and its heatmap."""
-    lens = logit_lens(handle, batch, "last")
+    components = handle.arch.model_type not in POST_NORM_FAMILIES   # gemma2: components have no direct logits
+    lens = logit_lens(handle, batch, "last", components=components)
+    note = None if components else (f"residual stream only: {handle.arch.model_type} normalises each block's "
+                                    "outputs before the residual add, so its heads and MLPs have no direct logits")
     lens_heatmap(path, lens, "rank", title=f"{handle.name}: logit lens at the last token, mean rank of the answer")
     grid = lens.mean("rank")
     return {"columns": lens.columns, "mean_rank": grid.tolist(),
             "resid_rank_per_layer": [float(grid[layer][lens.columns.index("resid")]) for layer in range(lens.n_layers)],
-            "figure": str(path)}
+            "figure": str(path), "note": note}
 
 
 def attribution_table(section: dict) -> list[str]:
@@ -66,5 +69,7 @@ def attribution_table(section: dict) -> list[str]:
 def lens_table(section: dict) -> list[str]:
     """Markdown lines: the answer's mean rank in the residual stream after each layer."""
     ranks = section["resid_rank_per_layer"]
+    figure = f"`{Path(section['figure']).name}`"
+    closing = f"{section['note']} ({figure})." if section.get("note") else f"Per component: {figure}."
     return [report.markdown_table(["after layer", *map(str, range(len(ranks)))], [["answer's mean rank", *ranks]]), "",
-            f"Per component: `{Path(section['figure']).name}`."]
+            closing]

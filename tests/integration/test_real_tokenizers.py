@@ -112,3 +112,5 @@ def test_both_workflows_run_on_a_random_model_of_the_family(family, tmp_path, to
     assert all(results["table1"]["original"][d] == 0.0 for d in variable_binding.COLUMNS)
     report = (out / "report.md").read_text()
     assert "first-digit rule" in report and "No DCM with value_dependence" in report
+    # gemma2's post-norms leave its heads and MLPs without direct logits: the lens reads the residual stream alone
+    assert ("residual stream only: gemma2" in report) == (family == "gemma")
