@@ -10,6 +10,10 @@
 
 Failures become `NDIFError`s (subclasses of nnsight's `RemoteError`) whose message says what to do;
 connection failures before a job is accepted are retried with exponential backoff, a bounded number of times.
+
+What a remote run costs in traffic is counted on the backend: `handle.backend.traffic` is
+{"requests", "bytes_sent", "bytes_received"} since the backend was made (or `reset_traffic()`), e.g. to check
+that a DCM run is one request whatever its number of steps (bench/remote.py).
 """
 from __future__ import annotations
 
@@ -87,11 +91,20 @@ def key_for(lm: Any) -> str:
         return model_key(repo_id, getattr(lm, "revision", None))
 
 
+TRAFFIC_KEYS = ("requests", "bytes_sent", "bytes_received")
+
+
 class ProjectRemoteBackend(RemoteBackend):
-    """nnsight's blocking `RemoteBackend` with bounded retries and errors that say what to do.
+    """nnsight's blocking `RemoteBackend` with bounded retries, errors that say what to do, and a traffic count.
 
     Only failures before the server accepted the job are retried (nothing ran yet, so a retry is safe);
     a connection lost while a job runs, a rejected request or an unknown model raise at once.
+
+    `traffic` counts what this backend exchanged with the server: `requests` (jobs the server accepted; a
+    POST that failed and was retried counts once, when it got through), `bytes_sent` (their serialized
+    payloads, compressed when nnsight compresses; the small JSON routing envelope and headers are not counted)
+    and `bytes_received` (the result blobs as they arrived, before decompression; status messages are not
+    counted).
     """
 
     def __init__(self, model_key: str, host: str | None = None, api_key: str | None = None, *,
@@ -99,6 +112,16 @@ class ProjectRemoteBackend(RemoteBackend):
         super().__init__(model_key, host=resolve_host(host), api_key=resolve_api_key(api_key), **kwargs)
         self.retries = retries
         self.backoff_s = backoff_s
+        self.traffic = dict.fromkeys(TRAFFIC_KEYS, 0)
+
+    def reset_traffic(self) -> dict:
+        """Zero the traffic count; returns the count before.
+
+        Returns:
+            {"requests": int, "bytes_sent": int, "bytes_received": int}.
+        """
+        before, self.traffic = self.traffic, dict.fromkeys(TRAFFIC_KEYS, 0)
+        return before
 
     def __getstate__(self) -> dict:
         # A handle (and so its backend) sits in the frame of every trace and is shipped with it: the API key
@@ -107,13 +130,21 @@ class ProjectRemoteBackend(RemoteBackend):
         state = dict(self.__dict__)
         state["display"] = None
         state["api_key"] = ""
+        state.pop("traffic", None)  # the client's count; the server has no use for it
         return state
 
     def send(self, request, blob):
-        """Post the request; once the server answered, nothing is retried."""
+        """Post the request (counted in `traffic` once the server accepted it); after that nothing is retried."""
         response = self._post(request, blob)
         self._accepted = True
+        self.traffic["requests"] += 1
+        self.traffic["bytes_sent"] += len(blob)
         return self.handle(response)
+
+    def finalize(self, content: bytes):
+        """nnsight's decompress-and-load of a result blob, its size counted in `traffic` first."""
+        self.traffic["bytes_received"] += len(content)
+        return super().finalize(content)
 
     def request(self, request, tracer):
         """nnsight's request with bounded retries before the job is accepted, and errors that say what to do."""
