@@ -111,9 +111,15 @@ def run(name: str = NAME, repeats: int = 5, warmup: int = 1, threads: int | None
 
 
 CASES = {
-    NAME: {},                                                     # GPT-2-small size, as bench/dcm_step.py
-    "attribution_map_narrow": {"d_model": 48, "repeats": 9, "time_scan": True},  # small: the scan is timed too
+    # GPT-2-small size, as bench/dcm_step.py; 2 repeats keep `make bench` within 10 minutes (the run of
+    # 2026-12-02 in BENCHMARKS.md had 5: medians 3.00 / 2.77 / 3.08)
+    NAME: {"repeats": 2},
+    # small; `--fidelity`-style scan timing by hand: python -m bench.attribution (time_scan=True)
+    "attribution_map_narrow": {"d_model": 48, "repeats": 5},
 }
+
+TINY = {"n_layers": 2, "n_heads": 2, "d_model": 32, "batch_size": 4, "n_boxes": 3, "repeats": 1}
+QUICK = {NAME: TINY, "attribution_map_narrow": TINY}   # --quick: a smoke run on a tiny model
 
 COLUMNS = ["case", "forward cpu s", "attr cpu s (1/2/3 pos)", "forward equivalents (1/2/3 pos)",
            "patching scan forwards (3 pos)", "scan / attribution (3 pos)", "load"]

@@ -18,6 +18,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -52,13 +53,14 @@ class Setup:
 
 
 def build(batch_size: int = 16, n_boxes: int = 7, n_layers: int = 12, n_heads: int = 12, d_model: int = 768,
-          seed: int = 0) -> Setup:
-    """A random Llama of GPT-2-small size, entity-tracking prompts, every head and MLP at the last position."""
+          seed: int = 0, positions: Sequence[str] = ("last",), device: str = "cpu") -> Setup:
+    """A random Llama of GPT-2-small size, entity-tracking prompts, every head and MLP at each of `positions`
+    (the last one by default), both copies on `device` (bench/gpu.py: "cuda")."""
     tok = task_tokenizer()
     sizes = dict(vocab_size=len(tok), n_layers=n_layers, n_heads=n_heads, d_model=d_model, seed=seed)
-    handle = load_model(random_model("llama", **sizes), tokenizer=tok)
-    plain = random_model("llama", **sizes)
-    sites = sites_at(all_components(handle.arch))
+    handle = load_model(random_model("llama", **sizes).to(device), tokenizer=tok)
+    plain = random_model("llama", **sizes).to(device)
+    sites = [site for position in positions for site in sites_at(all_components(handle.arch), position)]
     triples = entity_triples("object", batch_size, n_boxes=n_boxes, seed=seed, tokenizer=tok)
     prepared = prepare_batches(handle, triples, sites, batch_size)[0]
     plain_values = plain_hooks.capture(plain, handle.arch, prepared[0].alternate, sites)
@@ -68,7 +70,7 @@ def build(batch_size: int = 16, n_boxes: int = 7, n_layers: int = 12, n_heads: i
                  f"(word-level tokenizer), {n_params / 1e6:.1f}M parameters",
         "batch": f"{batch_size} entity-tracking prompts ({n_boxes} boxes, 'object' desideratum), "
                  f"{prepared[0].original.width} tokens",
-        "sites": f"{len(sites)} (every head and MLP at the last position)",
+        "sites": f"{len(sites)} (every head and MLP at {', '.join(positions)})",
     }
     return Setup(handle, plain, sites, prepared, plain_hooks.by_module(handle.arch, sites), plain_values,
                  DCMConfig(), description)
@@ -208,10 +210,15 @@ def run(name: str = NAME, repeats: int = 12, warmup: int = 2, threads: int | Non
 # name -> run() arguments; bench.run_all runs each
 CASES = {
     # the issue's benchmark: GPT-2-small size (defaults of build())
-    NAME: {},
+    # 6 repeats keep `make bench` within 10 minutes (python -m bench.dcm_step --repeats 12 for the longer run)
+    NAME: {"repeats": 6, "warmup": 1},
     # the same 156 sites on a narrow model, where compute is small and nnsight's fixed per-step cost shows
-    "dcm_step_narrow": {"d_model": 48, "repeats": 60, "warmup": 3, "target": None},
+    "dcm_step_narrow": {"d_model": 48, "repeats": 30, "warmup": 3, "target": None},
 }
+
+# --quick: a smoke run on a tiny model (bench.run_all --quick; tests/unit/test_bench_protocol.py)
+TINY = {"n_layers": 2, "n_heads": 2, "d_model": 32, "batch_size": 4, "n_boxes": 3, "repeats": 2, "warmup": 1}
+QUICK = {NAME: TINY, "dcm_step_narrow": TINY}
 
 COLUMNS = ["case", "nnsight cpu s", "plain cpu s", "ratio (cpu)", "wall median", "wall min", "target", "ok",
            "load"]

@@ -145,6 +145,8 @@ CASES = {
     "path_patching_toy": {"model": "toy:entity-base"},
 }
 
+QUICK = {name: {"n": 8, "n_boxes": 3} for name in CASES}   # --quick: a smoke run on a few prompts
+
 COLUMNS = ["case", "examples", "one/pass cpu s", "stack cpu s", "invokes cpu s", "batched cpu s", "speed-up (cpu)",
            "speed-up (wall)", "per step (cpu)", "target", "ok", "load"]
 

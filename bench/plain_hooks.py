@@ -21,6 +21,7 @@ from lib.types import EncodedPrompts, Site
 
 def _forward(module: torch.nn.Module, prompts: EncodedPrompts) -> torch.Tensor:
     """Last-position logits with the position ids nnsight derives for left padding."""
+    prompts = prompts.to(next(module.parameters()).device)
     position_ids = (prompts.attention_mask.cumsum(-1) - 1).clamp(min=0)
     return module(**prompts.inputs(), position_ids=position_ids).logits[:, -1]
 
@@ -78,7 +79,7 @@ def blended_logits(module: torch.nn.Module, arch, prompts: EncodedPrompts, sites
             new = x.clone()
             for position, owner in rows.items():
                 idx = prompts.positions[position]
-                w = padded[owner]
+                w = padded[owner].to(x.device)
                 new[examples, idx] = w * x[examples, idx] + (1 - w) * values[(kind, layer, position)]
             return new
         hooks.append(_hook(module, arch, kind, layer, blend))

@@ -1,10 +1,13 @@
 """Run every benchmark in bench/, print a table and write bench/results/<case>.json (`make bench`).
 
-A benchmark module has `CASES` ({name: run() arguments}), `run(name, **arguments) -> dict`, `COLUMNS` and
-`summary_row(result)`. Each record also gets the machine it ran on, since the numbers mean little without it.
+A benchmark module has `CASES` ({name: run() arguments}), `QUICK` ({name: arguments that replace them for a
+smoke run}), `run(name, **arguments) -> dict` (a record with `ratio`, its headline figure, None where a case was
+skipped), `COLUMNS` and `summary_row(result)`. Each record also gets the machine it ran on and its own wall time,
+since the numbers mean little without them (tests/unit/test_bench_protocol.py checks every module keeps to this).
 
-    python -m bench.run_all                    # every case
+    python -m bench.run_all                    # every case (make bench)
     python -m bench.run_all --only dcm_step    # one case
+    python -m bench.run_all --quick            # every case, tiny: checks the benchmarks run, measures nothing
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import logging
 import os
 import pkgutil
 import platform
+import time
 from pathlib import Path
 
 import nnsight
@@ -60,9 +64,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="case names to run (default: all)")
     parser.add_argument("--repeats", type=int, help="override every case's number of timed repeats")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON records")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for the JSON records (default bench/results; --quick: bench/results/quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="each case with its QUICK arguments: a smoke run whose numbers mean nothing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     args.out.mkdir(parents=True, exist_ok=True)
     info = machine()
     tables = []
@@ -71,13 +79,20 @@ def main() -> None:
         for name, kwargs in module.CASES.items():
             if args.only and name not in args.only:
                 continue
+            if args.quick:
+                kwargs = {**kwargs, **module.QUICK.get(name, {})}
             if args.repeats:
                 kwargs = {**kwargs, "repeats": args.repeats}
             log.info("running %s (load average %.1f on %d cores)", name, os.getloadavg()[0], os.cpu_count())
-            result = {**module.run(name, **kwargs), "machine": info}
+            started = time.perf_counter()
+            result = {**module.run(name, **kwargs), "machine": info, "quick": args.quick,
+                      "case_wall_s": 0.0}
+            result["case_wall_s"] = round(time.perf_counter() - started, 1)
             path = args.out / f"{name}.json"
-            path.write_text(json.dumps(result, indent=1))
-            log.info("%s: ratio %.3f -> %s", name, result["ratio"], path)
+            path.write_text(json.dumps(result, indent=1, default=str))
+            ratio = "skipped" if result["ratio"] is None else f"{result['ratio']:.3f}"
+            log.info("%s: %s (%s) in %.0f s -> %s", name, ratio, result.get("ratio_basis", "ratio"),
+                     result["case_wall_s"], path)
             rows.append(module.summary_row(result))
         if rows:
             tables.append(format_table(module.COLUMNS, rows))

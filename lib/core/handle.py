@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +64,24 @@ class ModelHandle:
             return {}
         return {"backend": self.backend} if self.backend is not None else {"remote": True}
 
+    def input_device(self) -> torch.device | None:
+        """Where token inputs must be for a local run: the input embeddings' device when it is an accelerator, else
+        None (CPU, and remote handles, whose meta copy only traces). transformers puts a single-device model there
+        with no accelerate hook to move the inputs, and nnsight moves only the text it tokenizes itself."""
+        if self._sends_requests():
+            return None
+        embeddings = self.lm._module.get_input_embeddings()
+        weight = embeddings.weight if embeddings is not None else next(self.lm._module.parameters())
+        device = weight.device
+        return None if device.type in ("cpu", "meta") else device
+
     def trace(self, *inputs: Any, **kwargs: Any):
-        """`lm.trace` that runs locally or remotely according to the handle."""
+        """`lm.trace` that runs locally or remotely according to the handle; tensor inputs (input_ids, attention
+        mask) are moved to the model's input device first (`input_device`)."""
+        device = self.input_device()
+        if device is not None:
+            inputs = tuple(_to_device(x, device) for x in inputs)
+            kwargs = {k: _to_device(v, device) for k, v in kwargs.items()}
         return self.lm.trace(*inputs, **self._run_kwargs(), **kwargs)
 
     def session(self):
@@ -83,6 +99,15 @@ class ModelHandle:
         with self.session():
             result = nnsight.save(fn(self, *args, **kwargs))
         return result
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """A tensor, or a dict of them (tokenizer output), on `device`; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def _hub_offline() -> bool:
