@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from lib.core.handle import ModelHandle
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 NDIF_STATE = ROOT / ".ndif" / "run" / "state.json"
@@ -73,3 +75,17 @@ def ndif_server(state_file: Path = NDIF_STATE) -> dict | None:
             return state if response.status == 200 else None
     except OSError:
         return None
+
+
+class TraceCounter:
+    """Counts the traces opened through a handle (a forward, or a forward and backward, each)."""
+
+    def __init__(self, handle: ModelHandle):
+        self.count = 0
+        inner = handle.trace
+
+        def trace(*args, **kwargs):
+            self.count += 1
+            return inner(*args, **kwargs)
+
+        handle.trace = trace  # an instance attribute: shadows the method for this handle only

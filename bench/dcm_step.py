@@ -216,7 +216,7 @@ CASES = {
     "dcm_step_narrow": {"d_model": 48, "repeats": 30, "warmup": 3, "target": None},
 }
 
-# --quick: a smoke run on a tiny model (bench.run_all --quick; tests/unit/test_bench_protocol.py)
+# --quick: a smoke run on a tiny model (bench.run_all --quick; tests/integration/test_bench_protocol.py)
 TINY = {"n_layers": 2, "n_heads": 2, "d_model": 32, "batch_size": 4, "n_boxes": 3, "repeats": 2, "warmup": 1}
 QUICK = {NAME: TINY, "dcm_step_narrow": TINY}
 

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bench.common import RESULTS, alternating, footer, header, load, medians, set_threads, timed
+from bench.common import RESULTS, TraceCounter, alternating, footer, header, load, medians, set_threads, timed
 from lib import report
 from lib.attribution import attribution_scan, rank_correlation, rank_sites
 from lib.builtin import planted
@@ -121,20 +121,6 @@ def methods(handle: ModelHandle, data: Data, sites: list[Site], k: int) -> dict[
     return {"brute_force": brute_force, "dcm": lambda: dcm_scores(sites),
             "attribution": lambda: attribution_scan(handle, data.batches, sites, metric=target_logit, progress=False),
             "rank_first_dcm": rank_first}
-
-
-class TraceCounter:
-    """Counts the traces opened through a handle (a forward, or a forward and backward, each)."""
-
-    def __init__(self, handle: ModelHandle):
-        self.count = 0
-        inner = handle.trace
-
-        def trace(*args, **kwargs):
-            self.count += 1
-            return inner(*args, **kwargs)
-
-        handle.trace = trace  # an instance attribute: shadows the method for this handle only
 
 
 # ---- cost on random models --------------------------------------------------------------------------------------

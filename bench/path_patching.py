@@ -14,6 +14,11 @@ scores to 1e-5 on every step (the run fails otherwise). Each record also has the
 for a Llama-7B-shaped model (32 layers x 32 heads: every head a sender), computed with
 lib.path_patching.forward_passes (tests/integration/test_path_patching.py checks it counts the traces).
 
+`rank_first`: the batched schedule once more with `--rank-first K` (lib.circuit_discovery.rank_first_candidates:
+attribution keeps the K heads per sender position that lower P(answer) most; only those are path-patched): the
+senders and traces (forward passes, attribution's included) against the full batched run, its CPU time, and
+whether every group came out the same (before the minimality pruning, which both would share).
+
     python -m bench.run_all --only path_patching_planted
     python -m bench.path_patching --model planted:positional --n 100
 """
@@ -28,9 +33,11 @@ from datetime import datetime, timezone
 
 import torch
 
-from lib.circuit_discovery import AUTHORS_SCHEDULE, discover_circuit
+from bench.common import TraceCounter
+from lib.circuit_discovery import AUTHORS_SCHEDULE, discover_circuit, prune_circuit, rank_first_candidates
 from lib.data_gen import encode_pairs, path_patching_noise
 from lib.evaluation import filter_correct
+from lib.metrics import whole_sequence_means
 from lib.models import load_model
 from lib.path_patching import SENDERS_PER_PASS, forward_passes
 
@@ -71,9 +78,40 @@ def _run(handle, batch, options: dict) -> dict:
             "step_wall": circuit.config["step_seconds"], "step_cpu": circuit.config["step_cpu_seconds"]}
 
 
+def rank_first_saving(handle, batch, k: int) -> dict:
+    """The batched schedule with and without a rank-first pass of K heads per sender position: senders, traces,
+    CPU time and whether the circuits are the same after the authors' minimality pruning (whole-sequence means
+    over the noise prompts), as the entity workflow's circuit step builds them."""
+    groups = lambda circuit: {g.name: sorted(str(s) for s in g.heads) for g in circuit.groups}  # noqa: E731
+    means = whole_sequence_means(handle, [type(batch)(batch.alternate)])
+    counter = TraceCounter(handle)
+    out = {}
+    for what in ("every_head", "rank_first"):
+        before, cpu = counter.count, time.process_time()
+        candidates = None
+        if what == "rank_first":
+            ranked = rank_first_candidates(handle, [batch], k)
+            candidates = [s for rows in ranked.values() for s, _ in rows]
+        circuit = discover_circuit(handle, [batch], candidates=candidates, progress=False)
+        out[what] = {"senders": sum(len(v) for v in circuit.step_scores.values()), "traces": counter.count - before,
+                     "cpu_s": time.process_time() - cpu, "groups_before_pruning": groups(circuit),
+                     "groups": groups(prune_circuit(handle, circuit, [batch], means, progress=False))}
+    del handle.trace   # the counter's instance attribute: the handle's own method again
+    positions = len({step.position for step in AUTHORS_SCHEDULE})
+    llama = {"every_head": sum(forward_passes(32 * 32, receivers=s.receivers is not None) for s in AUTHORS_SCHEDULE),
+             "rank_first": 2 * positions + sum(forward_passes(k, receivers=s.receivers is not None)
+                                               for s in AUTHORS_SCHEDULE)}
+    same = lambda key: out["every_head"][key] == out["rank_first"][key]  # noqa: E731
+    return {"k_per_position": k, **out, "same_groups": same("groups"),
+            "same_groups_before_pruning": same("groups_before_pruning"),
+            "traces_saved": out["every_head"]["traces"] - out["rank_first"]["traces"],
+            "llama_7b_forward_passes_of_the_schedule": llama}
+
+
 def run(name: str, model: str = "planted:positional", n: int = 100, n_boxes: int = 7, seed: int = 0,
         noise: str = "absent_query", repeats: int = 1, threads: int | None = 1,
-        variants: tuple[str, ...] = tuple(VARIANTS), target: float | None = TARGET_RATIO) -> dict:
+        variants: tuple[str, ...] = tuple(VARIANTS), target: float | None = TARGET_RATIO,
+        rank_first: int | None = 4) -> dict:
     """Time the schedule once per variant per repeat (alternating the order); returns the result record.
 
     The headline `ratio` is one-per-pass / batched median process CPU time for the whole schedule (a speed-up:
@@ -133,6 +171,7 @@ def run(name: str, model: str = "planted:positional", n: int = 100, n_boxes: int
         "ratio_stack_vs_invokes_cpu": med["invokes"]["cpu"] / med["stack"]["cpu"] if {"stack", "invokes"} <= set(med)
         else None,
         "llama_7b_forward_passes_per_step": llama_7b_passes(),
+        "rank_first": None if rank_first is None else rank_first_saving(handle, batch, rank_first),
         "target": target,
         "meets_target": None if target is None else ratio >= target,
         "loadavg_before": load_before,

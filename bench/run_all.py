@@ -3,7 +3,7 @@
 A benchmark module has `CASES` ({name: run() arguments}), `QUICK` ({name: arguments that replace them for a
 smoke run}), `run(name, **arguments) -> dict` (a record with `ratio`, its headline figure, None where a case was
 skipped), `COLUMNS` and `summary_row(result)`. Each record also gets the machine it ran on and its own wall time,
-since the numbers mean little without them (tests/unit/test_bench_protocol.py checks every module keeps to this).
+since the numbers mean little without them (tests/integration/test_bench_protocol.py checks every module keeps to this).
 
     python -m bench.run_all                    # every case (make bench)
     python -m bench.run_all --only dcm_step    # one case

@@ -36,8 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from lib import metrics
+from lib.attribution import rank_sites
+from lib.core.components import all_components
 from lib.core.handle import ModelHandle
+from lib.patching import sites_at
 from lib.path_patching import HEAD_INPUTS, SENDERS_PER_PASS, Batching, HeadInput, noise_runs, path_patch
+from lib.scores import target_prob
 from lib.types import Activations, Component, PairBatch, Site
 
 log = logging.getLogger(__name__)
@@ -252,6 +256,34 @@ def _scores(handle: ModelHandle, batches: Sequence[PairBatch], runs: list, sende
                                **options).items():
             out[s] += v * batch.size / total
     return out
+
+
+def rank_first_candidates(handle: ModelHandle, batches: Sequence[PairBatch], k: int,
+                          schedule: Schedule = AUTHORS_SCHEDULE, progress: bool = False) -> dict[str, list[tuple[Site, float]]]:
+    """The K heads per sender position that attribution ranks as lowering P(answer) most: `discover_circuit`'s
+    `candidates` for a cheap first pass (one attribution scan per position instead of path-patching every head).
+
+    The noise run is read at the original's token positions (path patching's noise prompts can tokenize to other
+    positions), and the metric is the probability of the original's answer, the quantity path patching lowers.
+
+    Args:
+        batches: discover_circuit's (original, noise) PairBatches.
+        k: heads kept per sender position (at least 1).
+        schedule: the steps whose sender positions are ranked.
+
+    Returns:
+        {position: [(site, attribution score)]}, most negative first, at most k per position; the candidates are
+        every site of every list.
+    """
+    if k < 1:
+        raise ValueError(f"rank-first needs k >= 1 heads per position, got {k}")
+    check_schedule(schedule)
+    aligned = [type(b)(b.original, b.alternate.with_positions(b.original.positions), b.target_ids, b.foil_ids,
+                       b.desideratum) for b in batches]
+    heads = all_components(handle.arch, mlps=False)
+    positions = sorted({step.position for step in schedule})
+    return {p: rank_sites(handle, aligned, sites=sites_at(heads, p), k=k, by="decrease", metric=target_prob,
+                          progress=progress) for p in positions}
 
 
 def discover_circuit(

@@ -35,7 +35,8 @@ import torch
 
 from lib import metrics as M
 from lib import report
-from lib.circuit_discovery import AUTHORS_SCHEDULE, Circuit, Step, discover_circuit, prune_circuit
+from lib.circuit_discovery import (AUTHORS_SCHEDULE, Circuit, Step, discover_circuit, prune_circuit,
+                                   rank_first_candidates)
 from lib.attribution import rank_sites
 from lib.cmap import check_compatible, cmap_input_scores, cmap_scores
 from lib.core.components import all_components
@@ -47,7 +48,6 @@ from lib.knockout import knockout_curve
 from lib.mask_intervention import train_mask
 from lib.models import ModelHandle, load_model
 from lib.patching import patching_scan, sites_at
-from lib.scores import target_prob
 from lib.types import Site
 from workflows import common, companions
 from workflows.entity_report import render_report
@@ -232,12 +232,7 @@ def step_circuit(base: ModelHandle, data: Data, out: Path) -> dict:
             return {"source": "path patching", "skipped": message, "circuit": empty.to_dict()}
         candidates, ranked = None, None
         if args.rank_first:   # attribution on p(answer) with the noise as the alternate: a first pass per position
-            positions = sorted({step.position for step in AUTHORS_SCHEDULE})
-            heads = all_components(base.arch, mlps=False)
-            aligned = [type(b)(b.original, b.alternate.with_positions(b.original.positions), b.target_ids,
-                               b.foil_ids, b.desideratum) for b in batches]  # noise read at the original's tokens
-            ranked = {p: rank_sites(base, aligned, sites=sites_at(heads, p), k=args.rank_first, by="decrease",
-                                    metric=target_prob, progress=False) for p in positions}
+            ranked = rank_first_candidates(base, batches, args.rank_first, schedule(args))
             candidates = [s for rows in ranked.values() for s, _ in rows]
         discovered = discover_circuit(base, batches, schedule(args), min_effect=args.min_effect or None,
                                       candidates=candidates)

@@ -20,7 +20,7 @@ from lib import metrics as M
 from lib.builtin import planted
 from lib.builtin.circuits import planted_working_sites
 from lib.circuit_discovery import (AUTHORS_SCHEDULE, LABEL_SCHEDULE, Circuit, Step, check_schedule, discover_circuit,
-                                   prune_circuit)
+                                   prune_circuit, rank_first_candidates)
 from lib.data_gen import encode_pairs, path_patching_noise
 from lib.types import Site
 
@@ -114,3 +114,22 @@ def test_bad_schedules_are_refused(builtin_model):
     with pytest.raises(ValueError, match="overlap rule .* names a group the schedule does not find"):
         discover_circuit(handle, [_noise(handle, "random", 2, 7)], LABEL_SCHEDULE,
                          overlap=[("Value Fetcher", "Position Transmitter")])
+
+
+def test_rank_first_candidates_keep_the_planted_heads_and_the_schedule_on_them_finds_them(builtin_model):
+    handle = builtin_model("planted:positional")
+    batch = _noise(handle, "absent_query", 12, 5)
+    ranked = rank_first_candidates(handle, [batch], k=2)
+    assert sorted(ranked) == sorted({s.position for s in AUTHORS_SCHEDULE})
+    assert all(len(rows) == 2 for rows in ranked.values())
+    candidates = [s for rows in ranked.values() for s, _ in rows]
+    assert {s for sites in POSITIONAL.values() for s in sites} <= set(candidates)
+    circuit = discover_circuit(handle, [batch], candidates=candidates, min_effect=0.05, progress=False)
+    assert circuit.as_groups() == POSITIONAL
+    assert set(circuit.config["candidates"]) == {str(s) for s in candidates}
+
+
+def test_rank_first_candidates_need_at_least_one_head(builtin_model):
+    handle = builtin_model("planted:positional")
+    with pytest.raises(ValueError, match="rank-first needs k >= 1 heads per position, got 0"):
+        rank_first_candidates(handle, [_noise(handle, "absent_query", 4, 6)], k=0)
