@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -83,6 +84,8 @@ def main() -> None:
                 kwargs = {**kwargs, **module.QUICK.get(name, {})}
             if args.repeats:
                 kwargs = {**kwargs, "repeats": args.repeats}
+            if "out" in inspect.signature(module.run).parameters:   # files beside the record (plots)
+                kwargs = {**kwargs, "out": args.out}
             log.info("running %s (load average %.1f on %d cores)", name, os.getloadavg()[0], os.cpu_count())
             started = time.perf_counter()
             result = {**module.run(name, **kwargs), "machine": info, "quick": args.quick,

@@ -46,7 +46,7 @@ def test_quick_run_writes_a_record_with_the_machine_and_prints_the_table(tmp_pat
         assert record["quick"] is True and record["machine"]["cores"] >= 1 and record["case_wall_s"] > 0
         assert record["ratio"] is not None and record["loadavg_before"] and record["loadavg_after"]
     localisation = json.loads((tmp_path / "localisation.json").read_text())
-    assert Path(localisation["plot"]).exists()
+    assert Path(localisation["plot"]).parent == tmp_path and Path(localisation["plot"]).exists()  # not results/
     # brute force opens one trace per component and batch (after the clean and alternate runs); DCM a fixed count
     for size in localisation["per_size"]:
         assert size["traces"]["brute_force"] == size["components"] * size["batches"] + 2 * size["batches"]
