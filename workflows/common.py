@@ -149,6 +149,8 @@ class Run:
         self.resume = resume
         self.skipped: list[str] = []
         self.seconds: dict[str, float] = {}
+        self.requests: dict[str, dict[str, int]] = {}
+        self._backends: list = []
         record = self.out / "run.json"
         if resume and record.exists():
             before = json.loads(record.read_text())["config"]
@@ -161,6 +163,13 @@ class Run:
                 old.unlink()
         write_json_atomic(record, {"config": config})
 
+    def count_traffic(self, handles: Sequence[ModelHandle]) -> None:
+        """Record each later step's NDIF traffic (requests, bytes sent and received) of the remote `handles`."""
+        self._backends = [h.backend for h in handles if h.remote and hasattr(h.backend, "traffic")]
+
+    def _traffic(self) -> dict[str, int]:
+        return {k: sum(b.traffic[k] for b in self._backends) for k in ("requests", "bytes_sent", "bytes_received")}
+
     def done(self, name: str) -> bool:
         return (self.steps_dir / f"{name}.json").exists()
 
@@ -171,12 +180,24 @@ class Run:
             log.info("step %s: finished in an earlier run, skipped (--resume)", name)
             self.skipped.append(name)
             return json.loads(path.read_text())
-        started = time.time()
+        started, traffic = time.time(), self._traffic()
         result = json.loads(json.dumps(compute(), default=report.jsonable))  # as a resumed run reads it back
         self.seconds[name] = round(time.time() - started, 1)
+        if self._backends:
+            self.requests[name] = {k: v - traffic[k] for k, v in self._traffic().items()}
+            log.info("step %s: %d NDIF requests", name, self.requests[name]["requests"])
         write_json_atomic(path, result)
         log.info("step %s done in %.1f s", name, self.seconds[name])
         return result
+
+
+def requests_lines(results: dict) -> list[str]:
+    """The report's line on a remote run's NDIF traffic per step (nothing for a local run)."""
+    if not results.get("step_requests"):
+        return []
+    return ["", "NDIF requests per step (bytes sent / received): " + ", ".join(
+        f"{k} {v['requests']} ({v['bytes_sent']:,} / {v['bytes_received']:,})"
+        for k, v in results["step_requests"].items()) + ".", ""]
 
 
 def write_json_atomic(path: Path, data: Any) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from lib import report
 from workflows import companions
+from workflows.common import requests_lines
 
 PAPER_TABLE1 = {  # Prakash et al. Table 1: the Llama-7B circuit evaluated on each model (full, circuit, random, faith.)
     "Llama-7B": (0.66, 0.66, 0.00, 1.00), "Vicuna-7B": (0.67, 0.65, 0.00, 0.97),
@@ -194,6 +195,7 @@ def render_report(results: dict) -> str:
               + ", ".join(f"`{p.rsplit('/', 1)[-1]}`" for p in results.get("figures", [])) + ".",
               f"Run time {results['seconds']} s; per step: "
               + ", ".join(f"{k} {v} s" for k, v in results.get("step_seconds", {}).items()) + "."]
+    lines += requests_lines(results)
     return "\n".join(lines) + "\n"
 
 

@@ -506,6 +506,7 @@ def main(argv=None) -> dict:
                                           else None, device_map=args.device_map, dtype=args.dtype,
                                           remote=args.remote)
         check_compatible(base, models["fine_tuned"])
+    run.count_traffic(list(models.values()))
     data = Data(args, base.tokenizer)
     log.info("base %s, fine-tune %s; steps %s", base.name, models.get("fine_tuned", None) and
              models["fine_tuned"].name, ",".join(args.steps))
@@ -540,6 +541,8 @@ def main(argv=None) -> dict:
         results["scan"] = run.step("scan", lambda: step_scan(base, circuit, data))
     results["skipped_steps"] = run.skipped
     results["step_seconds"] = run.seconds
+    if run.requests:
+        results["step_requests"] = run.requests
     results["seconds"] = round(time.time() - started, 1)
     results["figures"] = figures(results, base.arch, args.out)
     report.write_json(args.out / "results.json", results)

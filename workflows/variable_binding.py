@@ -157,6 +157,7 @@ def main(argv=None) -> dict:
         print(f"variable_binding.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     handle = load_model(args.model, device_map=args.device_map, dtype=args.dtype, remote=args.remote)
+    run.count_traffic([handle])
     out = args.out
     arch = handle.arch
     all_sites = sites_at(all_components(arch), "last")
@@ -251,6 +252,8 @@ def main(argv=None) -> dict:
                             "Davies et al. Table 1 (LLaMA-13B), for comparison")
     results["skipped_steps"] = run.skipped
     results["step_seconds"] = run.seconds
+    if run.requests:
+        results["step_requests"] = run.requests
     results["seconds"] = round(time.time() - started, 1)
     report.write_json(out / "results.json", results)
     (out / "report.md").write_text(render_report(results))
@@ -294,6 +297,7 @@ def render_report(results: dict) -> str:
               f"config that produced it. Run time {results['seconds']} s"
               + (f" (steps read back from an earlier run: {', '.join(results['skipped_steps'])})"
                  if results.get("skipped_steps") else "") + ".", ""]
+    lines += common.requests_lines(results)
     if results.get("rank_first"):
         rf = results["rank_first"]
         lines += [f"--rank-first: the masks were trained on the {len(rf['kept'])} of {rf['of']} components attribution "

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "workflows" / "entity_tracking.py"
 SMALL = ["--n-eval", "48", "--n-train", "32", "--n-patch", "32", "--resamples", "2", "--batch-size", "16",
          "--steps", "evaluate,circuit,evaluate-circuit,dcm,functionality,cmap,knockout"]
-TIMING = {"config", "step_seconds", "seconds", "figures", "models", "skipped_steps", "step_cpu_seconds"}
+TIMING = {"config", "step_seconds", "seconds", "figures", "models", "skipped_steps", "step_cpu_seconds",
+          "step_requests"}
 
 
 def _numbers(x, path=""):
@@ -63,7 +64,14 @@ def test_remote_workflow_equals_local_and_a_killed_remote_run_resumes(server, tm
     resumed = _run([*SMALL, "--remote", "--resume", "--out", str(remote_out)], host, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step circuit: finished in an earlier run, skipped" in resumed.stderr
-    a = _numbers(json.loads((remote_out / "results.json").read_text()))
+    results = json.loads((remote_out / "results.json").read_text())
+    # the resumed run counted its own steps' NDIF traffic (the killed run's circuit step was read back)
+    requests = results["step_requests"]
+    assert set(requests) == set(results["step_seconds"]) and "circuit" not in requests
+    assert all(r["requests"] >= 1 and r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in requests.values())
+    assert "NDIF requests per step" in (remote_out / "report.md").read_text()
+    assert "step_requests" not in json.loads((tmp_path / "local" / "results.json").read_text())
+    a = _numbers(results)
     b = _numbers(json.loads((tmp_path / "local" / "results.json").read_text()))
     assert a.keys() == b.keys()
     differ = {k: (a[k], b[k]) for k in a if a[k] != b[k] and not (
