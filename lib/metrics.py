@@ -203,6 +203,41 @@ def random_circuit_accuracy(handle: ModelHandle, batches: Sequence[PairBatch], c
     return [circuit_accuracy(handle, batches, random_circuit(handle, circuit, seed + i), means) for i in range(n)]
 
 
+def circuit_evaluation(handle: ModelHandle, batches: Sequence[PairBatch], circuit: Sequence[Site],
+                       means: Activations, groups: Mapping[str, Sequence[Site]] | None = None, n_random: int = 10,
+                       n_subsets: int = 5, seed: int = 0) -> dict:
+    """One model's circuit evaluation as the paper tabulates it (Table 1 and the completeness table), remotely in
+    one NDIF request: the means travel once instead of with each of the ~30 ablated runs.
+
+    The random circuits and subsets are drawn here, on the client, with the same seeds as random_circuit_accuracy
+    and random_subsets, so a remote evaluation equals the local one.
+
+    Args:
+        circuit: the circuit's sites; means: whole-sequence means (whole_sequence_means).
+        groups: {name: sites K} for the per-group completeness rows (none by default).
+        n_random: random circuits (seeds seed .. seed + n_random - 1); n_subsets: random halves K of the circuit.
+
+    Returns:
+        {"model": F(M), "circuit": F(Cir), "faithfulness", "random_circuits": [F] * n_random,
+        "completeness_per_group": {name: value}, "completeness_random_K": [value] * n_subsets}.
+    """
+    circuit = list(circuit)
+    randoms = [random_circuit(handle, circuit, seed + i) for i in range(n_random)]
+    subsets = random_subsets(circuit, n_subsets, seed=seed) if n_subsets else []
+    named = {name: list(sites) for name, sites in (groups or {}).items()}
+    return handle.in_one_request(_circuit_evaluation, list(batches), circuit, means, named, randoms, subsets)
+
+
+def _circuit_evaluation(handle: ModelHandle, batches: list[PairBatch], circuit: list[Site], means: Activations,
+                        groups: dict[str, list[Site]], randoms: list[list[Site]], subsets: list[list[Site]]) -> dict:
+    row = faithfulness(handle, batches, circuit, means)
+    row["random_circuits"] = [circuit_accuracy(handle, batches, c, means) for c in randoms]
+    row["completeness_per_group"] = {name: completeness(handle, batches, circuit, k, means)
+                                     for name, k in groups.items()}
+    row["completeness_random_K"] = [completeness(handle, batches, circuit, k, means) for k in subsets]
+    return row
+
+
 def greedy_minimality(handle: ModelHandle, batches: Sequence[PairBatch], circuit: Sequence[Site],
                       means: Activations, max_k: int | None = None) -> dict[Site, float]:
     """Per site v: max over greedily grown K of |F(Cir \\ (K + v)) - F(Cir \\ K)| (this project's first reading of

@@ -259,16 +259,12 @@ def step_evaluate_circuit(models: dict[str, ModelHandle], circuit: Circuit, data
     for role, h in models.items():
         batches = data.eval_batches(seed_offset=11)
         means = data.means(h)
-        faithful = M.faithfulness(h, batches, sites, means)
-        randoms = M.random_circuit_accuracy(h, batches, sites, means, n=10, seed=data.args.seed)
-        row = {"model_name": h.name, "full_model": faithful["model"], "circuit": faithful["circuit"],
-               "faithfulness": faithful["faithfulness"]}
-        row.update({"random_circuits": randoms, "random_circuit": statistics.mean(randoms),
-                    "completeness_per_group": {g: M.completeness(h, batches, sites, k, means)
-                                               for g, k in groups.items()},
-                    "completeness_random_K": [M.completeness(h, batches, sites, k, means)
-                                              for k in M.random_subsets(sites, 5, seed=data.args.seed)]})
-        out[role] = row
+        table = M.circuit_evaluation(h, batches, sites, means, groups, n_random=10, n_subsets=5, seed=data.args.seed)
+        out[role] = {"model_name": h.name, "full_model": table["model"], "circuit": table["circuit"],
+                     "faithfulness": table["faithfulness"], "random_circuits": table["random_circuits"],
+                     "random_circuit": statistics.mean(table["random_circuits"]),
+                     "completeness_per_group": table["completeness_per_group"],
+                     "completeness_random_K": table["completeness_random_K"]}
     return out
 
 

@@ -262,6 +262,25 @@ def test_mean_ablation_remote_equals_local(local, remote):
     assert (ablated_r - clean_logits(local, ob)).abs().max() > 1e-3
 
 
+def test_circuit_evaluation_is_one_remote_request_and_equals_local(local, remote):
+    from lib import metrics as M
+    from lib.data_gen import encode_pairs, entity_noise_triples
+
+    batch = encode_pairs(entity_noise_triples(8, n_boxes=3, seed=3, tokenizer=local.tokenizer), local.tokenizer)
+    means = M.whole_sequence_means(local, [batch])
+    circuit = _sites()[:2] + [_sites()[2]]
+    circuit = [s for s in circuit if s.component.is_head]
+    args = ([batch], circuit, means, {"first": circuit[:1]})
+    table_l = M.circuit_evaluation(local, *args, n_random=3, n_subsets=2)
+    remote.backend.reset_traffic()
+    table_r = M.circuit_evaluation(remote, *args, n_random=3, n_subsets=2)
+    assert remote.backend.reset_traffic()["requests"] == 1
+    assert table_r.keys() == table_l.keys()
+    flat = lambda t: [t["model"], t["circuit"], *t["random_circuits"], *t["completeness_per_group"].values(),  # noqa: E731
+                      *t["completeness_random_K"]]
+    assert flat(table_r) == pytest.approx(flat(table_l), abs=1e-6)
+
+
 def test_dcm_in_one_remote_session_equals_local(local, remote):
     """train_mask runs its whole optimisation in one handle.in_one_request: one NDIF request for all the steps."""
     from lib.mask_intervention import DCMConfig, train_mask

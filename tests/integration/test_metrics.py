@@ -117,3 +117,17 @@ def test_one_pass_ablation_equals_patching_every_other_head_at_every_token(setup
     expected = patched_logits(handle, original, kept_out, expand_values({s.row_key: means[s.row_key]
                                                                          for s in kept_out}, original.size))
     assert torch.allclose(M.ablated_logits(handle, one_query, None, means, ablate=removed), expected, atol=1e-5)
+
+
+def test_circuit_evaluation_is_the_separate_metrics_in_one_call(setup):
+    handle, batches, means = setup
+    groups = {"binder": BINDER, "fetcher": FETCHER}
+    table = M.circuit_evaluation(handle, batches, CIRCUIT, means, groups, n_random=3, n_subsets=2, seed=4)
+    assert {k: table[k] for k in ("model", "circuit", "faithfulness")} == M.faithfulness(handle, batches, CIRCUIT,
+                                                                                           means)
+    assert table["random_circuits"] == M.random_circuit_accuracy(handle, batches, CIRCUIT, means, n=3, seed=4)
+    assert table["completeness_per_group"] == {g: M.completeness(handle, batches, CIRCUIT, k, means)
+                                               for g, k in groups.items()}
+    assert table["completeness_random_K"] == [M.completeness(handle, batches, CIRCUIT, k, means)
+                                              for k in M.random_subsets(CIRCUIT, 2, seed=4)]
+    assert table["faithfulness"] >= 0.99 and max(table["random_circuits"]) <= 0.3
