@@ -52,7 +52,11 @@ def test_quick_run_writes_a_record_with_the_machine_and_prints_the_table(tmp_pat
         assert size["traces"]["brute_force"] == size["components"] * size["batches"] + 2 * size["batches"]
     assert localisation["per_size"][0]["traces"]["dcm"] == localisation["per_size"][1]["traces"]["dcm"]
     memory = json.loads((tmp_path / "memory.json").read_text())
-    assert all(row["increment_mib"]["nnsight"] > 0 for row in memory["per_sites"])
+    # on the tiny quick model a step can fit in memory the process already holds: an increment may be 0, never
+    # negative (the peak is reset right before the step), and the base is the whole process
+    for row in memory["per_sites"]:
+        assert set(row["increment_mib"]) == {"nnsight", "plain", "forward"} and row["base_mib"] > 100
+        assert all(v >= 0 for v in row["increment_mib"].values()), row
     assert "localisation" in run.stdout and "memory" in run.stdout   # the summary table
 
 
