@@ -78,10 +78,12 @@ def ndif_server(state_file: Path = NDIF_STATE) -> dict | None:
 
 
 class TraceCounter:
-    """Counts the traces opened through a handle (a forward, or a forward and backward, each)."""
+    """Counts the traces opened through a handle (a forward, or a forward and backward, each); as a context
+    manager it gives the handle its own method back on exit."""
 
     def __init__(self, handle: ModelHandle):
         self.count = 0
+        self.handle = handle
         inner = handle.trace
 
         def trace(*args, **kwargs):
@@ -89,3 +91,9 @@ class TraceCounter:
             return inner(*args, **kwargs)
 
         handle.trace = trace  # an instance attribute: shadows the method for this handle only
+
+    def __enter__(self) -> TraceCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.handle.trace

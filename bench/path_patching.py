@@ -84,19 +84,18 @@ def rank_first_saving(handle, batch, k: int) -> dict:
     over the noise prompts), as the entity workflow's circuit step builds them."""
     groups = lambda circuit: {g.name: sorted(str(s) for s in g.heads) for g in circuit.groups}  # noqa: E731
     means = whole_sequence_means(handle, [type(batch)(batch.alternate)])
-    counter = TraceCounter(handle)
     out = {}
     for what in ("every_head", "rank_first"):
-        before, cpu = counter.count, time.process_time()
-        candidates = None
-        if what == "rank_first":
-            ranked = rank_first_candidates(handle, [batch], k)
-            candidates = [s for rows in ranked.values() for s, _ in rows]
-        circuit = discover_circuit(handle, [batch], candidates=candidates, progress=False)
-        out[what] = {"senders": sum(len(v) for v in circuit.step_scores.values()), "traces": counter.count - before,
+        cpu = time.process_time()
+        with TraceCounter(handle) as counter:
+            candidates = None
+            if what == "rank_first":
+                ranked = rank_first_candidates(handle, [batch], k)
+                candidates = [s for rows in ranked.values() for s, _ in rows]
+            circuit = discover_circuit(handle, [batch], candidates=candidates, progress=False)
+        out[what] = {"senders": sum(len(v) for v in circuit.step_scores.values()), "traces": counter.count,
                      "cpu_s": time.process_time() - cpu, "groups_before_pruning": groups(circuit),
                      "groups": groups(prune_circuit(handle, circuit, [batch], means, progress=False))}
-    del handle.trace   # the counter's instance attribute: the handle's own method again
     positions = len({step.position for step in AUTHORS_SCHEDULE})
     llama = {"every_head": sum(forward_passes(32 * 32, receivers=s.receivers is not None) for s in AUTHORS_SCHEDULE),
              "rank_first": 2 * positions + sum(forward_passes(k, receivers=s.receivers is not None)

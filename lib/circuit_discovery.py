@@ -37,9 +37,7 @@ from typing import Any
 
 from lib import metrics
 from lib.attribution import rank_sites
-from lib.core.components import all_components
 from lib.core.handle import ModelHandle
-from lib.patching import sites_at
 from lib.path_patching import HEAD_INPUTS, SENDERS_PER_PASS, Batching, HeadInput, noise_runs, path_patch
 from lib.scores import target_prob
 from lib.types import Activations, Component, PairBatch, Site
@@ -280,9 +278,8 @@ def rank_first_candidates(handle: ModelHandle, batches: Sequence[PairBatch], k: 
     check_schedule(schedule)
     aligned = [type(b)(b.original, b.alternate.with_positions(b.original.positions), b.target_ids, b.foil_ids,
                        b.desideratum) for b in batches]
-    heads = all_components(handle.arch, mlps=False)
     positions = sorted({step.position for step in schedule})
-    return {p: rank_sites(handle, aligned, sites=sites_at(heads, p), k=k, by="decrease", metric=target_prob,
+    return {p: rank_sites(handle, aligned, (p,), k, mlps=False, by="decrease", metric=target_prob,
                           progress=progress) for p in positions}
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lib import report
+from lib.core.remote import TRAFFIC_KEYS
 from lib.mask_intervention import DCMConfig
 from lib.models import ModelHandle, is_lora_adapter, load_model, lora_base, model_sizes, same_model
 from lib.types import INITS, PARAMETERIZATIONS
@@ -168,7 +169,15 @@ class Run:
         self._backends = [h.backend for h in handles if h.remote and hasattr(h.backend, "traffic")]
 
     def _traffic(self) -> dict[str, int]:
-        return {k: sum(b.traffic[k] for b in self._backends) for k in ("requests", "bytes_sent", "bytes_received")}
+        return {k: sum(b.traffic[k] for b in self._backends) for k in TRAFFIC_KEYS}
+
+    def record(self) -> dict:
+        """What results.json says of the run itself: the steps read back, each step's seconds, and on a remote
+        run each step's NDIF traffic."""
+        record = {"skipped_steps": self.skipped, "step_seconds": self.seconds}
+        if self.requests:
+            record["step_requests"] = self.requests
+        return record
 
     def done(self, name: str) -> bool:
         return (self.steps_dir / f"{name}.json").exists()

@@ -535,10 +535,7 @@ def main(argv=None) -> dict:
         results["knockout"] = run.step("knockout", lambda: step_knockout(models, data))
     if "scan" in wanted:
         results["scan"] = run.step("scan", lambda: step_scan(base, circuit, data))
-    results["skipped_steps"] = run.skipped
-    results["step_seconds"] = run.seconds
-    if run.requests:
-        results["step_requests"] = run.requests
+    results.update(run.record())
     results["seconds"] = round(time.time() - started, 1)
     results["figures"] = figures(results, base.arch, args.out)
     report.write_json(args.out / "results.json", results)

@@ -250,10 +250,7 @@ def main(argv=None) -> dict:
         report.grouped_bars(out / "paper_table1_accuracy.png", [COLUMN_NAMES[d] for d in COLUMNS],
                             {ROW_NAMES[r]: [PAPER_TABLE1[r][d] for d in COLUMNS] for r in PAPER_TABLE1},
                             "Davies et al. Table 1 (LLaMA-13B), for comparison")
-    results["skipped_steps"] = run.skipped
-    results["step_seconds"] = run.seconds
-    if run.requests:
-        results["step_requests"] = run.requests
+    results.update(run.record())
     results["seconds"] = round(time.time() - started, 1)
     report.write_json(out / "results.json", results)
     (out / "report.md").write_text(render_report(results))
