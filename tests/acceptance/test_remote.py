@@ -262,19 +262,29 @@ def test_mean_ablation_remote_equals_local(local, remote):
     assert (ablated_r - clean_logits(local, ob)).abs().max() > 1e-3
 
 
-def test_circuit_evaluation_is_one_remote_request_and_equals_local(local, remote):
+def test_circuit_evaluation_is_one_remote_request_and_equals_local(server):
+    """On the deployed paper pair's base, whose circuit is known: the accuracies are far from 0, so equal means
+    the same ablations ran."""
     from lib import metrics as M
+    from lib.builtin.circuits import planted_circuit
     from lib.data_gen import encode_pairs, entity_noise_triples
 
-    batch = encode_pairs(entity_noise_triples(8, n_boxes=3, seed=3, tokenizer=local.tokenizer), local.tokenizer)
-    means = M.whole_sequence_means(local, [batch])
-    circuit = _sites()[:2] + [_sites()[2]]
-    circuit = [s for s in circuit if s.component.is_head]
-    args = ([batch], circuit, means, {"first": circuit[:1]})
+    local = load_model("planted:paper-base")
+    remote = load_model("planted:paper-base", remote=True, backend=server["host"])
+    remote.backend.display.enabled = False
+    groups = planted_circuit("paper-base", 3)
+    circuit = [s for sites in groups.values() for s in sites]
+
+    def batch(n, seed):
+        return encode_pairs(entity_noise_triples(n, n_boxes=3, seed=seed, tokenizer=local.tokenizer), local.tokenizer)
+
+    means = M.whole_sequence_means(local, [batch(32, 1)])
+    args = ([batch(24, 2)], circuit, means, groups)
     table_l = M.circuit_evaluation(local, *args, n_random=3, n_subsets=2)
     remote.backend.reset_traffic()
     table_r = M.circuit_evaluation(remote, *args, n_random=3, n_subsets=2)
     assert remote.backend.reset_traffic()["requests"] == 1
+    assert table_l["model"] > 0.5 and table_l["faithfulness"] > 0.9   # the ablations did something to compare
     assert table_r.keys() == table_l.keys()
     flat = lambda t: [t["model"], t["circuit"], *t["random_circuits"], *t["completeness_per_group"].values(),  # noqa: E731
                       *t["completeness_random_K"]]
